@@ -1,0 +1,1 @@
+"""Metrics, numerical comparison and summaries shared by the dumps, reports and CLI."""

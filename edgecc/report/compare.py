@@ -1,0 +1,64 @@
+"""Run ONNX models as the numerical reference and compare outputs.
+
+The reference runner is ONNX Runtime with every graph optimisation off
+(``ORT_DISABLE_ALL``): its own fusions would otherwise change the numbers we compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+
+def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``inputs`` with ONNX Runtime, optimisations off, CPU, 2 threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {i.name: np.asarray(inputs[i.name]) for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two tensors, flattened (1.0 for two zero tensors)."""
+    a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a64 @ b64 / (na * nb))
+
+
+def compare_outputs(
+    outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Worst-case agreement of ``outputs`` with ``reference`` (matched by name, else by order).
+
+    Returns ``max_abs_diff`` (max over outputs), ``max_rel_diff`` (max abs diff divided by the
+    reference's max magnitude) and ``cosine`` (min over outputs).
+    """
+    ref_items = list(reference.items())
+    out_items = list(outputs.items())
+    if len(ref_items) != len(out_items):
+        raise ValueError(f"{len(out_items)} outputs but {len(ref_items)} reference outputs")
+    by_name = all(name in outputs for name, _ in ref_items)
+    worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "cosine": 1.0}
+    for i, (name, ref) in enumerate(ref_items):
+        out = outputs[name] if by_name else out_items[i][1]
+        out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+        if out.shape != ref.shape:
+            raise ValueError(f"output {name!r}: shape {out.shape} != reference {ref.shape}")
+        diff = float(np.max(np.abs(out - ref))) if out.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        worst["max_abs_diff"] = max(worst["max_abs_diff"], diff)
+        worst["max_rel_diff"] = max(worst["max_rel_diff"], diff / scale if scale else diff)
+        worst["cosine"] = min(worst["cosine"], cosine(out, ref))
+    return worst
