@@ -1,0 +1,194 @@
+"""The Python API: what build pipelines embed. The CLI is a thin layer over these functions.
+
+Example::
+
+    import edgecc
+    pkg = edgecc.compile("model.pt", target="rpi4", input_shapes=["x:1x3x224x224"],
+                         passes="fold-bn,prune(ratio=0.3)", out="build/model")
+    outputs = edgecc.load("build/model").run({"x": x})
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgecc import __version__
+from edgecc.package import (
+    LIBRARY,
+    MANIFEST,
+    ONNX_MODEL,
+    REFERENCE,
+    REPORT,
+    Package,
+    save_reference,
+    sha256_file,
+    staged_output,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"edgecc": __version__, "python": platform.python_version()}
+    for dist in ("torch", "apache-tvm", "onnx", "onnxruntime"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _input_specs(input_shapes: Sequence[Any] | None) -> list[Any] | None:
+    from edgecc.frontend import InputSpec, parse_input_spec
+
+    if not input_shapes:
+        return None
+    return [s if isinstance(s, InputSpec) else parse_input_spec(str(s)) for s in input_shapes]
+
+
+def _io_entries(model: onnx.ModelProto, names: Iterable[str], arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    return [{"name": n, "shape": list(np.shape(arrays[n])), "dtype": str(np.asarray(arrays[n]).dtype)}
+            for n in names]
+
+
+def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside edgecc is intended)
+    model: str | Path | Any,
+    target: str | Any = "x86",
+    *,
+    out: str | Path,
+    input_shapes: Sequence[Any] | None = None,
+    example_inputs: Any = None,
+    passes: str | Sequence[Any] | None = None,
+    disable_passes: Iterable[str] = (),
+    calib: str | None = None,
+    calib_samples: int | None = None,
+    dump_dir: str | Path | None = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Package:
+    """Compile a model for a target into a package folder at ``out``.
+
+    Args:
+        model: a path (``.pt`` TorchScript, ``.pt2`` torch.export, ``.onnx``, pickled module with
+            ``trust_pickle``) or an ``nn.Module``.
+        target: a target name/alias (``edgecc targets``) or a :class:`edgecc.targets.Target`.
+        out: the package folder to write (replaced atomically).
+        input_shapes: ``["x:1x3x224x224[:dtype]"]`` or InputSpecs, where the model does not say.
+        example_inputs: example tensors for an ``nn.Module`` (tuple or dict).
+        passes: pipeline text (``fold-bn,prune(ratio=0.3)``) or PassSpecs; None = target default.
+        disable_passes: pass names to skip (bisecting).
+        calib: calibration data for ``qdq``: ``.npz`` file, folder of ``.npy``, or ``random``.
+        calib_samples: use at most this many calibration samples.
+        dump_dir: write the graph after each pass and a summary table there.
+        trust_pickle: allow unpickling a whole ``nn.Module`` (runs code from the file).
+        seed: seed of the probe input and random calibration.
+        progress: called with one-line progress messages.
+
+    Returns:
+        The written :class:`Package`.
+    """
+    from edgecc.frontend import load_model
+    from edgecc.lower import check_coverage, lower
+    from edgecc.passes import PassContext, PassManager, PassSpec, format_pipeline, parse_pipeline
+    from edgecc.passes.dump import DumpInstrument, pass_row
+    from edgecc.passes.manager import FailureDumpInstrument
+    from edgecc.report.compare import compare_outputs, run_onnx
+    from edgecc.report.metrics import graph_stats
+    from edgecc.targets import Target, get_target
+
+    say = progress or (lambda msg: logger.info("%s", msg))
+    started = time.perf_counter()
+    tgt: Target = target if isinstance(target, Target) else get_target(str(target))
+    if passes is None:
+        specs = parse_pipeline(tgt.default_passes)
+    elif isinstance(passes, str):
+        specs = parse_pipeline(passes)
+    else:
+        specs = [p if isinstance(p, PassSpec) else PassSpec(p[0], tuple(dict(p[1]).items()))
+                 for p in passes]
+    out = Path(out)
+
+    with staged_output(out) as staging:
+        say(f"loading {model if isinstance(model, (str, Path)) else type(model).__name__}")
+        loaded = load_model(model, input_specs=_input_specs(input_shapes),
+                            example_inputs=example_inputs, trust_pickle=trust_pickle, seed=seed)
+        check_coverage(loaded.model)  # fail before any pass or compile time is spent
+
+        ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed)
+        if calib is not None:
+            from edgecc.passes.calibration import load_calibration
+
+            ctx.calibration, ctx.calibration_source = load_calibration(
+                calib, loaded.inputs, limit=calib_samples, seed=seed)
+        dump = DumpInstrument(dump_dir, loaded.reference_outputs)
+        instruments = [dump] + ([FailureDumpInstrument(Path(dump_dir))] if dump_dir else [])
+        manager = PassManager(specs, instruments, disabled=disable_passes)
+        say(f"running {len(specs)} passes: {format_pipeline(specs) or '(none)'}")
+        final = manager.run(loaded.model, ctx)
+        check_coverage(final)  # passes may add operators
+
+        shapes = {s.name: tuple(s.shape) for s in loaded.inputs}
+        dtypes = {s.name: s.dtype for s in loaded.inputs}
+        say(f"lowering through TVM for {tgt.name}")
+        lib = lower(final, tgt, shapes, dtypes, staging / LIBRARY, progress=say)
+
+        onnx.save(final, str(staging / ONNX_MODEL))
+        expected = run_onnx(final, loaded.probe_inputs)
+        save_reference(staging / REFERENCE, loaded.probe_inputs, loaded.reference_outputs, expected)
+        graph_vs_reference = compare_outputs(expected, loaded.reference_outputs)
+
+        manifest = {
+            "format": "edgecc-package/1",
+            "versions": _versions(),
+            "target": tgt.to_dict(),
+            "source": {"format": loaded.source_format, "sha256": loaded.source_sha256,
+                       "reference": loaded.reference_source},
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in loaded.inputs],
+            "outputs": _io_entries(final, loaded.output_names, expected),
+            "passes": [{"name": s.name, "options": dict(s.options)} for s in specs],
+            "pipeline": format_pipeline(specs),
+            "disabled_passes": sorted(set(disable_passes)),
+            "calibration": ctx.calibration_source,
+            "library": {"file": LIBRARY, "sha256": sha256_file(lib.path), "cuda_code": lib.cuda_code,
+                        "notes": lib.notes, **lib.details},
+            "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
+            "int8_execution": tgt.int8_execution,
+        }
+        write_json(staging / MANIFEST, manifest)
+        rows = dump.rows
+        final_row = pass_row("final", final, None, None)
+        report = {
+            "passes": rows,
+            "skipped_passes": [r.spec.text() for r in manager.records if r.skipped],
+            "graph_vs_reference": graph_vs_reference,
+            "sizes": {"library_bytes": lib.path.stat().st_size, "onnx_bytes": final_row["bytes"],
+                      "source_onnx_bytes": rows[0]["bytes"] if rows else None},
+            "stats": {"input": {k: rows[0][k] for k in ("nodes", "params", "macs", "bytes")},
+                      "final": {k: final_row[k] for k in ("nodes", "params", "macs", "bytes")}},
+            "compile_seconds": lib.compile_seconds,
+            "total_seconds": time.perf_counter() - started,
+        }
+        write_json(staging / REPORT, report)
+        if dump_dir:
+            dump.write_summary()
+    say(f"wrote {out}")
+    return Package(out)
+
+
+def load(path: str | Path) -> Package:
+    """Open a compiled package folder (``edgecc.load(path).run(inputs)``)."""
+    return Package(path)
