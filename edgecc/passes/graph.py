@@ -7,6 +7,7 @@ constants. It is a snapshot: rebuild it after structural edits (or use its updat
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -95,13 +96,19 @@ def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     return default
 
 
-def remove_unused_initializers(model: onnx.ModelProto) -> int:
-    """Drop initializers no node or graph output reads; returns how many were removed."""
+def used_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name a node (or a node of a subgraph) reads, plus the graph outputs."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     for n in model.graph.node:  # subgraphs read outer-scope names
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 used |= {i for sn in a.g.node for i in sn.input}
+    return used
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> int:
+    """Drop initializers no node or graph output reads; returns how many were removed."""
+    used = used_names(model)
     keep = [t for t in model.graph.initializer if t.name in used]
     removed = len(model.graph.initializer) - len(keep)
     if removed:
@@ -134,3 +141,22 @@ def topological_sort(model: onnx.ModelProto) -> None:
         c.CopyFrom(n)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+def remove_if_unused(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
+    """Remove the initializers and Constant nodes among ``names`` that nothing reads any more.
+
+    Unlike :func:`remove_unused_initializers` this touches only the tensors a pass orphaned, not
+    ones that were already unused before it ran. Returns the names removed.
+    """
+    used = used_names(model)
+    dead = set(names) - used
+    removed = []
+    for field, key in ((model.graph.initializer, lambda t: t.name),
+                       (model.graph.node,
+                        lambda n: n.output[0] if n.op_type == "Constant" else None)):
+        for i in reversed(range(len(field))):
+            if key(field[i]) in dead:
+                removed.append(key(field[i]))
+                del field[i]
+    return sorted(removed)
