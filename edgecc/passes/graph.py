@@ -6,12 +6,15 @@ constants. It is a snapshot: rebuild it after structural edits (or use its updat
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
 
 
 class GraphIndex:
@@ -160,3 +163,165 @@ def remove_if_unused(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
                 removed.append(key(field[i]))
                 del field[i]
     return sorted(removed)
+
+
+# Inputs that read only the shape or the element type of a tensor, never its values: a rewrite
+# that keeps a tensor's values (or refreshes them consistently) need not treat them as uses.
+META_INPUTS = frozenset({("Shape", 0), ("Size", 0), ("CastLike", 1)})
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
+                               "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def value_consumers(index: GraphIndex, name: str) -> list[onnx.NodeProto]:
+    """Consumers of ``name`` that read its values (not only its shape or element type)."""
+    out: list[onnx.NodeProto] = []
+    for node in index.consumers.get(name, []):
+        reads = any(i == name and (node.op_type, k) not in META_INPUTS
+                    for k, i in enumerate(node.input))
+        if reads and not any(n is node for n in out):
+            out.append(node)
+    return out
+
+
+def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Name -> inferred type (element type and shape) of every tensor shape inference reaches."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # best effort: an op without a shape function still leaves the rest
+        inferred = model
+    g = inferred.graph
+    types = {vi.name: vi.type for vi in list(g.input) + list(g.output) + list(g.value_info)}
+    for t in g.initializer:
+        types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+    return types
+
+
+def static_shape(types: dict[str, onnx.TypeProto], name: str) -> list[int | str | None] | None:
+    """The shape of ``name`` (ints, dim_param strings or None per dim), or None if rank unknown."""
+    t = types.get(name)
+    if t is None or not t.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in t.tensor_type.shape.dim]
+
+
+def const_value(index: GraphIndex, name: str,
+                types: dict[str, onnx.TypeProto] | None = None) -> np.ndarray | None:
+    """The value of ``name`` when it is computable from constants alone, else None.
+
+    Beyond :meth:`GraphIndex.const`, this evaluates the constant subgraph feeding ``name`` (with
+    ONNX's reference evaluator), e.g. the ``Expand(CastLike(0, x), Shape(W))`` zero bias torch's
+    exporter emits for bias-free convolutions. Inputs that read only a shape or an element type
+    (``Shape``, ``CastLike``'s second input) may come from activations when ``types`` gives their
+    static shape.
+    """
+    value = index.const(name)
+    if value is not None or not name:
+        return value
+    nodes: set[int] = set()
+    inits: set[str] = set()
+    feeds: dict[str, np.ndarray] = {}
+    needed, meta = set(), set()
+    stack = [(name, False)]
+    while stack:
+        tensor, meta_only = stack.pop()
+        if not tensor or tensor in needed or (meta_only and tensor in meta):
+            continue
+        if index.is_const(tensor) and tensor in index.initializers:
+            inits.add(tensor)
+            needed.add(tensor)
+            continue
+        node = index.producer.get(tensor)
+        if meta_only and (node is None or tensor in index.graph_inputs):
+            meta.add(tensor)
+            continue
+        if node is None or node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx") \
+                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                       for a in node.attribute):
+            return None
+        needed.add(tensor)
+        nodes.add(id(node))
+        stack.extend((i, (node.op_type, k) in META_INPUTS) for k, i in enumerate(node.input))
+    for tensor in meta - needed:
+        shape = static_shape(types or {}, tensor)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        dtype = helper.tensor_dtype_to_np_dtype(types[tensor].tensor_type.elem_type)
+        feeds[tensor] = np.zeros(shape, dtype)
+    graph = helper.make_graph(
+        [n for n in index.graph.node if id(n) in nodes], "const",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for k, v in feeds.items()],
+        [helper.make_value_info(name, onnx.TypeProto())],
+        [index.initializers[i] for i in sorted(inits)])
+    sub = helper.make_model(graph, opset_imports=index.model.opset_import,
+                            ir_version=index.model.ir_version)
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        return np.asarray(ReferenceEvaluator(sub).run(None, feeds)[0])
+    except Exception:  # anything the reference evaluator cannot run is simply "not constant"
+        return None
+
+
+def set_const_input(index: GraphIndex, node: onnx.NodeProto, position: int, value: np.ndarray,
+                    base: str | None = None) -> str:
+    """Make input ``position`` of ``node`` the constant ``value``; returns the tensor name.
+
+    An initializer read only by this input is overwritten in place (its name kept); otherwise a
+    new initializer (named from ``base``) is added and the input rewired, so other readers of
+    the old tensor are untouched. The index's consumer map follows the rewiring.
+    """
+    old = node.input[position] if position < len(node.input) else ""
+    if old and old in index.initializers and old not in index.graph_inputs and index.uses(old) == 1:
+        index.set_initializer(old, value)
+        return old
+    name = index.add_initializer(base or old or f"{node.name}_in{position}", value)
+    while len(node.input) <= position:
+        node.input.append("")
+    node.input[position] = name
+    if old:
+        index.consumers[old] = [n for n in index.consumers[old] if n is not node]
+    index.consumers[name].append(node)
+    return name
+
+
+def remove_dead_nodes(model: onnx.ModelProto, names: Iterable[str]) -> int:
+    """Remove the nodes producing ``names`` when nothing reads them any more, and so on upwards.
+
+    Only chains a pass orphaned go (e.g. the ``Shape -> Expand`` feeding a bias it replaced),
+    not nodes that were already dead before it ran. Returns how many nodes were removed; then
+    :func:`remove_if_unused` can drop the initializers they read.
+    """
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    reads = Counter(i for n in graph.node for i in n.input)
+    pinned = used_names(model) - set(reads)  # graph outputs and names subgraphs read
+    dead: set[int] = set()
+    pending = list(names)
+    while pending:
+        i = producer.get(pending.pop())
+        if i is None or i in dead or any(reads[o] or o in pinned for o in graph.node[i].output):
+            continue
+        dead.add(i)
+        reads.subtract(graph.node[i].input)
+        pending.extend(graph.node[i].input)
+    if dead:
+        keep = [n for k, n in enumerate(graph.node) if k not in dead]
+        copies = [onnx.NodeProto() for _ in keep]
+        for c, n in zip(copies, keep, strict=True):
+            c.CopyFrom(n)
+        del graph.node[:]
+        graph.node.extend(copies)
+    return len(dead)
+
+
+def refresh_shapes(model: onnx.ModelProto) -> None:
+    """Drop every stale ``value_info`` and re-run shape inference (best effort) in place."""
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as err:  # keep going without intermediate shapes, they are only hints
+        logger.info("shape inference failed after rewrite: %s", err)
+        return
+    model.graph.value_info.extend(inferred.graph.value_info)
