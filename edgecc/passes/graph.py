@@ -232,8 +232,9 @@ def const_value(index: GraphIndex, name: str,
             needed.add(tensor)
             continue
         node = index.producer.get(tensor)
-        if meta_only and (node is None or tensor in index.graph_inputs):
-            meta.add(tensor)
+        shape = static_shape(types or {}, tensor) if meta_only else None
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            meta.add(tensor)  # only its shape or type matters: a zero tensor stands in for it
             continue
         if node is None or node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx") \
                 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -244,8 +245,6 @@ def const_value(index: GraphIndex, name: str,
         stack.extend((i, (node.op_type, k) in META_INPUTS) for k, i in enumerate(node.input))
     for tensor in meta - needed:
         shape = static_shape(types or {}, tensor)
-        if shape is None or not all(isinstance(d, int) for d in shape):
-            return None
         dtype = helper.tensor_dtype_to_np_dtype(types[tensor].tensor_type.elem_type)
         feeds[tensor] = np.zeros(shape, dtype)
     graph = helper.make_graph(
@@ -268,12 +267,13 @@ def set_const_input(index: GraphIndex, node: onnx.NodeProto, position: int, valu
                     base: str | None = None) -> str:
     """Make input ``position`` of ``node`` the constant ``value``; returns the tensor name.
 
-    An initializer read only by this input is overwritten in place (its name kept); otherwise a
-    new initializer (named from ``base``) is added and the input rewired, so other readers of
-    the old tensor are untouched. The index's consumer map follows the rewiring.
+    An initializer whose values only this input reads is overwritten in place (its name kept),
+    provided readers of its shape or type see no change; otherwise a new initializer (named from
+    ``base``) is added and the input rewired, so other readers of the old tensor are untouched.
+    The index's consumer map follows the rewiring.
     """
     old = node.input[position] if position < len(node.input) else ""
-    if old and old in index.initializers and old not in index.graph_inputs and index.uses(old) == 1:
+    if old and _sole_reader(index, old, value):
         index.set_initializer(old, value)
         return old
     name = index.add_initializer(base or old or f"{node.name}_in{position}", value)
@@ -286,18 +286,33 @@ def set_const_input(index: GraphIndex, node: onnx.NodeProto, position: int, valu
     return name
 
 
-def remove_dead_nodes(model: onnx.ModelProto, names: Iterable[str]) -> int:
+def _sole_reader(index: GraphIndex, name: str, value: np.ndarray) -> bool:
+    """True when one node input reads the initializer ``name``'s values and overwriting it with
+    ``value`` is invisible to everything else (readers of its shape or type see no change)."""
+    init = index.initializers.get(name)
+    if init is None or name in index.graph_inputs or name in index.graph_outputs:
+        return False
+    readers = {id(n): n for n in index.consumers.get(name, [])}.values()
+    reads = [(n.op_type, k) for n in readers for k, i in enumerate(n.input) if i == name]
+    value_reads = sum(r not in META_INPUTS for r in reads)
+    same = (list(init.dims) == list(value.shape)
+            and init.data_type == helper.np_dtype_to_tensor_dtype(value.dtype))
+    return value_reads == 1 and (same or len(reads) == 1)
+
+
+def remove_dead_nodes(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
     """Remove the nodes producing ``names`` when nothing reads them any more, and so on upwards.
 
     Only chains a pass orphaned go (e.g. the ``Shape -> Expand`` feeding a bias it replaced),
-    not nodes that were already dead before it ran. Returns how many nodes were removed; then
-    :func:`remove_if_unused` can drop the initializers they read.
+    not nodes that were already dead before it ran. Returns the names the removed nodes read,
+    for :func:`remove_if_unused` to drop the initializers among them.
     """
     graph = model.graph
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     reads = Counter(i for n in graph.node for i in n.input)
     pinned = used_names(model) - set(reads)  # graph outputs and names subgraphs read
     dead: set[int] = set()
+    read: set[str] = set()
     pending = list(names)
     while pending:
         i = producer.get(pending.pop())
@@ -305,6 +320,7 @@ def remove_dead_nodes(model: onnx.ModelProto, names: Iterable[str]) -> int:
             continue
         dead.add(i)
         reads.subtract(graph.node[i].input)
+        read.update(graph.node[i].input)
         pending.extend(graph.node[i].input)
     if dead:
         keep = [n for k, n in enumerate(graph.node) if k not in dead]
@@ -313,7 +329,7 @@ def remove_dead_nodes(model: onnx.ModelProto, names: Iterable[str]) -> int:
             c.CopyFrom(n)
         del graph.node[:]
         graph.node.extend(copies)
-    return len(dead)
+    return read
 
 
 def refresh_shapes(model: onnx.ModelProto) -> None:
