@@ -1,0 +1,105 @@
+"""Run compiled libraries: natively on the host, or aarch64 CPU libraries under qemu emulation.
+
+Every run goes through the standalone :mod:`edgecc.runtime._runner` script in a subprocess, so
+edgecc itself never loads TVM here and the same script runs on the board. Where it runs:
+
+* target arch == host arch, CPU: ``sys.executable _runner.py ...``;
+* aarch64 CPU target on an x86-64 host: the cached aarch64 Python under ``qemu-aarch64``
+  (:mod:`edgecc.runtime.emulation`, prepared on first use);
+* CUDA targets: only on an aarch64 machine with a CUDA device (a Jetson), else a toolchain
+  error saying to copy the package to the board.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edgecc.errors import EdgeccError, ToolchainError
+from edgecc.runtime.emulation import emulated_python, prepare_emulator
+from edgecc.targets import Target
+
+log = logging.getLogger(__name__)
+
+RUNNER = Path(__file__).with_name("_runner.py")
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+__all__ = ["RUNNER", "host_arch", "prepare_emulator", "run_library"]
+
+
+def host_arch() -> str:
+    """This machine's architecture in edgecc's naming (``x86_64`` or ``aarch64``)."""
+    machine = platform.machine().lower()
+    return _MACHINES.get(machine, machine)
+
+
+def has_cuda_device() -> bool:
+    """True when a CUDA GPU is visible (desktop driver nodes or Jetson's nvhost GPU node)."""
+    return Path("/dev/nvidia0").exists() or Path("/dev/nvhost-ctrl-gpu").exists()
+
+
+def run_library(
+    library: Path,
+    target: Target,
+    inputs: Mapping[str, np.ndarray],
+    output_names: list[str],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``library`` (built by :func:`edgecc.lower.lower` for ``target``) once.
+
+    Args:
+        library: the shared library.
+        target: the target it was built for (decides where and how it runs).
+        inputs: input arrays, ordered as the model's inputs.
+        output_names: names for the outputs, in the model's output order.
+        progress: called with one line per step (e.g. the emulator's first-use preparation).
+
+    Returns:
+        ``{output name: array}`` in ``output_names`` order.
+
+    Raises:
+        ToolchainError: no way to run ``target`` here (no CUDA device, no qemu-aarch64).
+        EdgeccError: the run failed (the message ends with the runner's last stderr line).
+    """
+    command, env = _launcher(target, progress)
+    device = "cuda" if target.device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="edgecc-run-") as work:
+        feeds, results = Path(work) / "inputs.npz", Path(work) / "outputs.npz"
+        np.savez(feeds, **{name: np.ascontiguousarray(a) for name, a in inputs.items()})
+        cmd = [*command, str(RUNNER), str(Path(library).resolve()), str(feeds), str(results),
+               device]
+        log.debug("running %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            raise EdgeccError(f"running {Path(library).name} for {target.name} failed: "
+                              f"{lines[-1]}")
+        with np.load(results, allow_pickle=False) as data:
+            outputs = [data[f"out{i}"] for i in range(len(data.files))]
+    if len(outputs) != len(output_names):
+        raise EdgeccError(f"{Path(library).name} returned {len(outputs)} outputs, expected "
+                          f"{len(output_names)} ({', '.join(output_names)})")
+    return dict(zip(output_names, outputs, strict=True))
+
+
+def _launcher(target: Target, progress: Callable[[str], None] | None
+              ) -> tuple[list[str], dict[str, str] | None]:
+    """The interpreter command (and environment) that can load ``target``'s libraries here."""
+    here = host_arch()
+    if target.device == "cuda":
+        if here != target.arch or not has_cuda_device():
+            raise ToolchainError(f"package targets CUDA ({target.name}); no CUDA device on this "
+                                 "machine: copy it to the board")
+        return [sys.executable], None
+    if target.arch == here:
+        return [sys.executable], None
+    if target.arch == "aarch64":
+        return emulated_python(prepare_emulator(progress))
+    raise ToolchainError(f"cannot run {target.arch} code for {target.name} on this {here} host")
