@@ -1,0 +1,615 @@
+"""``load_model``: any supported model source -> a checked ONNX model plus a reference output.
+
+What each source goes through (torch 2.13):
+
+==================  ============================================================================
+source              path
+==================  ============================================================================
+``.onnx`` file      read with external data, opset upgraded to >= 17, reference from ONNX Runtime
+TorchScript file    ``torch.jit.load`` -> legacy exporter (``dynamo=False``, no constant folding)
+``.pt2`` file       ``torch.export.load`` -> ``torch.onnx.export(dynamo=True, optimize=False)``
+``torch.save`` of   refused unless ``trust_pickle`` (unpickling runs arbitrary code); then as an
+a whole module      in-memory module
+``torch.save`` of   refused: weights without an architecture
+a state_dict
+``nn.Module``       ``torch.onnx.export(dynamo=True, optimize=False)``
+==================  ============================================================================
+
+Torch sources get their reference from torch itself on the probe inputs, and the exported graph
+is run once with ONNX Runtime against it (``LoadedModel.export_check``). File kinds are told apart
+without unpickling anything (:mod:`edgecc.frontend.detect`); ``torch.save`` pickles are probed
+with ``torch.load(weights_only=True)``; ``.pt2`` archives are checked for pickled members before
+``torch.export.load`` (which would unpickle them) runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgecc.errors import UnsupportedOperatorError, UserInputError
+from edgecc.frontend import detect
+from edgecc.frontend.onnx_io import MIN_OPSET, finalize, first_line, read_onnx
+from edgecc.frontend.probe import index_bounds, make_probe_inputs, placeholder_inputs
+from edgecc.frontend.specs import InputSpec, canonical_dtype
+from edgecc.report.compare import compare_outputs, run_onnx
+
+logger = logging.getLogger(__name__)
+
+# Export agreement below these bounds is logged as a warning (the export may be wrong).
+_EXPORT_WARN_COSINE = 0.9999
+_EXPORT_WARN_REL = 1e-3
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the passes.
+
+    Attributes:
+        model: ONNX model: checked (full check), shapes inferred, opset >= 17, static inputs,
+            weights inside the proto.
+        inputs: one spec per graph input, in graph order.
+        output_names: graph output names, in order.
+        source_format: ``torchscript``, ``export``, ``pickle``, ``module`` or ``onnx``.
+        source_sha256: SHA-256 of the source file (None for in-memory sources).
+        probe_inputs: the seeded inputs the reference was computed on.
+        reference_outputs: float outputs of the source model on ``probe_inputs``, by output name.
+        reference_source: what computed the reference (torch or ONNX Runtime, with versions).
+        export_check: for torch sources, ``compare_outputs`` of ONNX Runtime on the exported
+            graph against the torch reference; None for ONNX sources.
+        source: the file path, or a description of the in-memory object.
+    """
+
+    model: onnx.ModelProto
+    inputs: list[InputSpec]
+    output_names: list[str]
+    source_format: str
+    source_sha256: str | None
+    probe_inputs: dict[str, np.ndarray]
+    reference_outputs: dict[str, np.ndarray]
+    reference_source: str
+    export_check: dict[str, float] | None = None
+    source: str = ""
+
+
+ExampleInputs = tuple | Mapping[str, Any] | None
+
+
+def load_model(
+    source: str | Path | Any,
+    input_specs: Sequence[InputSpec] | None = None,
+    example_inputs: ExampleInputs = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+    opset: int = 18,
+) -> LoadedModel:
+    """Load a model file or object, export it to ONNX if needed, and record a reference output.
+
+    Args:
+        source: path to a ``.onnx``, TorchScript, ``.pt2`` or ``torch.save`` file; or an
+            in-memory ``torch.nn.Module``, ``torch.jit.ScriptModule``,
+            ``torch.export.ExportedProgram`` or ``onnx.ModelProto``.
+        input_specs: input names/shapes/dtypes where the source does not fix them (unnamed
+            specs match inputs by position).
+        example_inputs: example tensors (a tuple of positional inputs or a dict of keyword
+            inputs) for torch sources; they fix the input shapes and are what the export traces.
+        trust_pickle: allow unpickling a ``torch.save``-d module (runs arbitrary code).
+        seed: seed of the probe inputs.
+        opset: ONNX opset for torch exports, and the target when upgrading ONNX files below 17.
+
+    Raises:
+        UserInputError: missing/corrupt/unsupported file, unknown input shapes, failed export.
+    """
+    if opset < MIN_OPSET:
+        raise UserInputError(f"opset {opset} is too old: edgecc needs opset >= {MIN_OPSET}")
+    specs = list(input_specs or [])
+    if isinstance(source, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(source)  # finalize edits in place; leave the caller's proto alone
+        return _from_onnx(copy, specs, seed, opset, "onnx model", None)
+    if isinstance(source, (str, Path)):
+        return _from_file(Path(source), specs, example_inputs, trust_pickle, seed, opset)
+    return _from_torch_object(source, specs, example_inputs, seed, opset, None, None)
+
+
+def _from_file(
+    path: Path,
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    trust_pickle: bool,
+    seed: int,
+    opset: int,
+) -> LoadedModel:
+    kind = detect.detect_format(path)
+    digest = _sha256(path)
+    if kind == detect.ONNX:
+        return _from_onnx(read_onnx(path), specs, seed, opset, str(path), digest)
+    import torch
+
+    if kind == detect.TORCHSCRIPT:
+        try:
+            obj = torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:
+            raise UserInputError(f"cannot load TorchScript file {path}: {first_line(err)}") from err
+    elif kind == detect.EXPORT:
+        obj = _load_exported_program(path, trust_pickle)
+    else:
+        obj = _load_pickle(path, trust_pickle)
+    return _from_torch_object(
+        obj, specs, example_inputs, seed, opset, path, digest, pickled=kind == detect.PICKLE
+    )
+
+
+def _from_onnx(
+    model: onnx.ModelProto,
+    specs: list[InputSpec],
+    seed: int,
+    opset: int,
+    origin: str,
+    digest: str | None,
+) -> LoadedModel:
+    import onnxruntime
+
+    model, inputs = finalize(model, specs, opset, origin)
+    _stamp(model, "onnx", digest)
+    probe = make_probe_inputs(inputs, seed, index_bounds(model))
+    reference = _run_ort(model, probe, origin)
+    return LoadedModel(
+        model=model,
+        inputs=inputs,
+        output_names=[o.name for o in model.graph.output],
+        source_format="onnx",
+        source_sha256=digest,
+        probe_inputs=probe,
+        reference_outputs=reference,
+        reference_source=f"onnxruntime {onnxruntime.__version__} (CPU, graph optimisations off)",
+        source=origin,
+    )
+
+
+def _run_ort(
+    model: onnx.ModelProto, probe: dict[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """ONNX Runtime on the probe; custom-domain ops it cannot run are reported as unsupported."""
+    try:
+        return run_onnx(model, probe)
+    except Exception as err:
+        custom: dict[str, list[str]] = {}
+        for node in model.graph.node:
+            if node.domain not in ("", "ai.onnx", "ai.onnx.ml"):
+                custom.setdefault(node.op_type, []).append(node.name or node.output[0])
+        if custom:
+            raise UnsupportedOperatorError(
+                [(op, len(names), names) for op, names in sorted(custom.items())]
+            ) from err
+        raise UserInputError(f"ONNX Runtime cannot run {what}: {first_line(err)}") from err
+
+
+# --- torch sources -------------------------------------------------------------------------
+
+
+@dataclass
+class _TorchPlan:
+    """How to call and export one torch object."""
+
+    fmt: str
+    describe: str
+    call: Callable[..., Any]
+    pack: Callable[[dict[str, Any]], tuple[tuple, dict]]
+    export: Callable[[tuple, dict, list[str], list[str]], onnx.ModelProto]
+    specs: list[InputSpec]
+    examples: dict[str, Any] | None
+
+
+def _from_torch_object(
+    obj: Any,
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    seed: int,
+    opset: int,
+    path: Path | None,
+    digest: str | None,
+    pickled: bool = False,
+) -> LoadedModel:
+    import torch
+
+    if isinstance(obj, torch.export.ExportedProgram):
+        plan = _exported_plan(obj, specs, example_inputs, opset)
+    elif isinstance(obj, torch.jit.ScriptModule):
+        plan = _script_plan(obj, specs, example_inputs, opset)
+    elif isinstance(obj, torch.nn.Module):
+        plan = _module_plan(obj, specs, example_inputs, opset, "pickle" if pickled else "module")
+    else:
+        raise UserInputError(
+            f"cannot compile a {type(obj).__name__}: pass a model file, an nn.Module, a "
+            "ScriptModule, an ExportedProgram or an onnx.ModelProto"
+        )
+    origin = str(path) if path else plan.describe
+    with _eval_mode(obj):
+        return _export_and_reference(plan, origin, digest, seed, opset)
+
+
+def _export_and_reference(
+    plan: _TorchPlan, origin: str, digest: str | None, seed: int, opset: int
+) -> LoadedModel:
+    import torch
+
+    from edgecc.frontend.torch_export import run_torch
+
+    example = plan.examples or _as_torch(placeholder_inputs(plan.specs))
+    args, kwargs = plan.pack(example)
+    try:
+        traced_outputs = run_torch(plan.call, args, kwargs)
+    except Exception as err:
+        raise UserInputError(
+            f"running {origin} on example inputs failed: {first_line(err)}"
+        ) from err
+    names = [name for name, _ in traced_outputs]
+    try:
+        model = plan.export(args, kwargs, [s.name for s in plan.specs], names)
+    except Exception as err:
+        logger.debug("export of %s failed", origin, exc_info=True)
+        raise UserInputError(f"exporting {origin} to ONNX failed: {first_line(err)}") from err
+    model.doc_string = (
+        f"exported by edgecc from {plan.fmt} ({plan.describe}) with torch {torch.__version__}"
+    )
+    model, inputs = finalize(model, plan.specs, opset, origin)
+    _stamp(model, plan.fmt, digest)
+    output_names = [o.name for o in model.graph.output]
+    if len(output_names) != len(names):
+        raise UserInputError(
+            f"exporting {origin}: torch returns {len(names)} tensors but the ONNX graph has "
+            f"{len(output_names)} outputs"
+        )
+    probe = make_probe_inputs(inputs, seed, index_bounds(model))
+    args, kwargs = plan.pack(_as_torch({s.name: probe[s.name] for s in plan.specs}))
+    try:
+        outputs = run_torch(plan.call, args, kwargs)
+    except Exception as err:
+        raise UserInputError(
+            f"running {origin} on the probe inputs failed: {first_line(err)}"
+        ) from err
+    reference = {name: value for name, (_, value) in zip(output_names, outputs, strict=True)}
+    check = compare_outputs(_run_ort(model, probe, f"the graph exported from {origin}"), reference)
+    level = logging.INFO
+    if check["cosine"] < _EXPORT_WARN_COSINE or check["max_rel_diff"] > _EXPORT_WARN_REL:
+        level = logging.WARNING
+    logger.log(level, "%s: exported graph vs torch on the probe: %s", origin, check)
+    return LoadedModel(
+        model=model,
+        inputs=inputs,
+        output_names=output_names,
+        source_format=plan.fmt,
+        source_sha256=digest,
+        probe_inputs=probe,
+        reference_outputs=reference,
+        reference_source=f"torch {torch.__version__} ({plan.describe}, CPU)",
+        export_check=check,
+        source=origin,
+    )
+
+
+def _module_plan(
+    module: Any, specs: list[InputSpec], example_inputs: ExampleInputs, opset: int, fmt: str
+) -> _TorchPlan:
+    from edgecc.frontend.torch_export import export_dynamo
+
+    params = _forward_params(module)
+    specs, examples, by_keyword = _resolve_torch_specs(
+        specs, example_inputs, params, type(module).__name__, keywords_ok=True
+    )
+    return _TorchPlan(
+        fmt=fmt,
+        describe=f"nn.Module {type(module).__name__}",
+        call=module,
+        pack=_packer([s.name for s in specs], by_keyword),
+        export=lambda a, k, i, o: export_dynamo(module, a, k, i, o, opset),
+        specs=specs,
+        examples=examples,
+    )
+
+
+def _script_plan(
+    module: Any, specs: list[InputSpec], example_inputs: ExampleInputs, opset: int
+) -> _TorchPlan:
+    from edgecc.frontend.torch_export import export_torchscript
+
+    params = [a.name for a in module.forward.schema.arguments[1:]]
+    specs, examples, _ = _resolve_torch_specs(
+        specs, example_inputs, params, "TorchScript module", keywords_ok=False
+    )
+    return _TorchPlan(
+        fmt="torchscript",
+        describe="TorchScript module",
+        call=module,
+        pack=_packer([s.name for s in specs], False),
+        export=lambda a, k, i, o: export_torchscript(module, a, i, o, opset),
+        specs=specs,
+        examples=examples,
+    )
+
+
+def _exported_plan(
+    program: Any, specs: list[InputSpec], example_inputs: ExampleInputs, opset: int
+) -> _TorchPlan:
+    import torch
+    from torch.utils import _pytree
+
+    from edgecc.frontend.torch_export import export_dynamo
+
+    names = list(program.graph_signature.user_inputs)
+    in_spec = program.call_spec.in_spec
+    stored = program.example_inputs
+    if example_inputs is None and stored is not None:
+        flat = _pytree.tree_leaves(stored)
+        if len(flat) != len(names) or not all(isinstance(t, torch.Tensor) for t in flat):
+            raise UserInputError(
+                "the ExportedProgram's example inputs are not one tensor per input"
+            )
+        by_name = {s.name: s for s in specs if s.name}
+        specs = [by_name.get(n, _spec_of(n, t)) for n, t in zip(names, flat, strict=True)]
+        examples = {n: t for n, t in zip(names, flat, strict=True) if n not in by_name}
+        examples = examples if len(examples) == len(names) else None
+    else:
+        specs, examples, _ = _resolve_torch_specs(
+            specs, example_inputs, names, "ExportedProgram", keywords_ok=True
+        )
+
+    def pack(values: dict[str, Any]) -> tuple[tuple, dict]:
+        args, kwargs = _pytree.tree_unflatten([values[n] for n in names], in_spec)
+        return tuple(args), dict(kwargs)
+
+    return _TorchPlan(
+        fmt="export",
+        describe="torch.export ExportedProgram",
+        call=program.module(),
+        pack=pack,
+        export=lambda a, k, i, o: export_dynamo(program, a, k, i, o, opset),
+        specs=specs,
+        examples=examples,
+    )
+
+
+def _resolve_torch_specs(
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    params: list[str],
+    what: str,
+    keywords_ok: bool,
+) -> tuple[list[InputSpec], dict[str, Any] | None, bool]:
+    """Input specs, example tensors (or None) and whether to call by keyword.
+
+    Example inputs win (their shapes are what the user traced with); named specs must then
+    agree with them. Without examples, specs name the inputs (unnamed ones take the forward
+    parameter names by position).
+    """
+    import torch
+
+    if example_inputs is not None:
+        by_keyword = isinstance(example_inputs, Mapping)
+        if by_keyword:
+            items = list(example_inputs.items())
+        else:
+            values = (
+                example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            )
+            items = [(_param_name(params, i), v) for i, v in enumerate(values)]
+        examples = {}
+        for name, value in items:
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value.copy())
+            if not isinstance(value, torch.Tensor):
+                raise UserInputError(
+                    f"example input {name!r} is a {type(value).__name__}, not a tensor"
+                )
+            examples[name] = value
+        resolved = [_spec_of(n, t) for n, t in examples.items()]
+        given = {s.name: s for s in specs if s.name}
+        extra = sorted(set(given) - set(examples))
+        if extra:
+            raise UserInputError(
+                f"--input-shape names {', '.join(extra)} are not among the example inputs "
+                f"({', '.join(examples)})"
+            )
+        for spec in resolved:
+            if spec.name in given and given[spec.name].shape != spec.shape:
+                raise UserInputError(
+                    f"input {spec.name!r}: --input-shape {given[spec.name].text()} disagrees "
+                    f"with the example input's shape {spec.text()}"
+                )
+        return resolved, examples, by_keyword and keywords_ok
+    if not specs:
+        required = params[:1] or ["input"]
+        raise UserInputError(
+            f"input shapes of the {what} are unknown: pass them with --input-shape "
+            f"{required[0]}:1x3x224x224 (one per input; inputs: {', '.join(params) or '?'})"
+        )
+    if all(s.name for s in specs):
+        by_keyword = keywords_ok and all(s.name in params for s in specs)
+        return list(specs), None, by_keyword
+    named = [
+        InputSpec(s.name or _param_name(params, i), s.shape, s.dtype) for i, s in enumerate(specs)
+    ]
+    return named, None, False
+
+
+def _packer(names: list[str], by_keyword: bool) -> Callable[[dict[str, Any]], tuple[tuple, dict]]:
+    def pack(values: dict[str, Any]) -> tuple[tuple, dict]:
+        if by_keyword:
+            return (), {n: values[n] for n in names}
+        return tuple(values[n] for n in names), {}
+
+    return pack
+
+
+def _forward_params(module: Any) -> list[str]:
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+    return [p.name for p in sig.parameters.values() if p.kind in kinds]
+
+
+def _param_name(params: list[str], i: int) -> str:
+    return params[i] if i < len(params) else f"input_{i}"
+
+
+def _spec_of(name: str, tensor: Any) -> InputSpec:
+    return InputSpec(name, tuple(tensor.shape), canonical_dtype(str(tensor.dtype)))
+
+
+def _as_torch(values: Mapping[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {
+        k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+        for k, v in values.items()
+    }
+
+
+@contextmanager
+def _eval_mode(obj: Any) -> Iterator[None]:
+    """Put a module in eval mode for the export; restore its previous mode afterwards."""
+    module = obj if hasattr(obj, "train") and hasattr(obj, "training") else None
+    was_training = bool(module is not None and module.training)
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
+
+
+# --- reading torch files safely --------------------------------------------------------------
+
+
+def _load_pickle(path: Path, trust_pickle: bool) -> Any:
+    """A ``torch.save`` file: a state_dict is refused, a module needs ``trust_pickle``."""
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise UserInputError(
+                f"{path} is a pickled module{_unsafe_globals(path)}: unpickling it runs arbitrary "
+                "code from the file; rerun with --trust-pickle (trust_pickle=True) if you trust it"
+            ) from err
+    except Exception as err:
+        raise UserInputError(
+            f"cannot read {path}: corrupt or truncated torch file ({first_line(err)})"
+        ) from err
+    else:
+        raise _not_a_model(path, obj)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as err:
+        raise UserInputError(
+            f"cannot unpickle {path}: its module class is not importable here ({first_line(err)}); "
+            "import the class first, or save the model with torch.jit.save / torch.export.save"
+        ) from err
+    if not isinstance(obj, torch.nn.Module):
+        raise _not_a_model(path, obj)
+    return obj
+
+
+def _not_a_model(path: Path, obj: Any) -> UserInputError:
+    if isinstance(obj, Mapping):
+        return UserInputError(
+            f"{path} holds a state_dict: weights only, without the architecture. Pass the "
+            "nn.Module through the Python API (edgecc.compile(module, ...)), or save the model "
+            "with torch.jit.save or torch.export.save"
+        )
+    return UserInputError(f"{path} holds a {type(obj).__name__}, not a model")
+
+
+def _unsafe_globals(path: Path) -> str:
+    """`` (classes: a, b)`` as listed by torch without unpickling, or ''."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return ""
+    return f" (classes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+
+
+def _load_exported_program(path: Path, trust_pickle: bool) -> Any:
+    """``torch.export.load``, after checking that it will not unpickle anything untrusted.
+
+    torch 2.13 unpickles (``weights_only=False``) tensor-subclass weights and constants, opaque
+    objects, and sample inputs that fail a ``weights_only`` load; plain tensors are raw bytes.
+    """
+    import torch
+
+    if not trust_pickle:
+        reason = _pt2_needs_unpickling(path)
+        if reason:
+            raise UserInputError(
+                f"{path} is a torch.export archive with {reason}: loading it runs arbitrary code "
+                "from the file; rerun with --trust-pickle (trust_pickle=True) if you trust it"
+            )
+    try:
+        return torch.export.load(str(path))
+    except Exception as err:
+        raise UserInputError(f"cannot load torch.export archive {path}: {first_line(err)}") from err
+
+
+def _pt2_needs_unpickling(path: Path) -> str:
+    """Why loading the .pt2 archive would unpickle data ('' when it would not)."""
+    import io
+
+    import torch
+
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            inner = name.split("/", 1)[-1]
+            if inner.endswith("_config.json") and inner.startswith("data/"):
+                config = json.loads(zf.read(name)).get("config", {})
+                for fqn, meta in config.items():
+                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
+                        ("weight_", "tensor_")
+                    ):
+                        return f"pickled member {fqn!r}"
+            elif inner.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
+                except Exception:
+                    return f"pickled objects in {inner}"
+    return ""
+
+
+def _stamp(model: onnx.ModelProto, fmt: str, digest: str | None) -> None:
+    """Record where the model came from in its metadata (replacing earlier edgecc entries)."""
+    props = {p.key: p.value for p in model.metadata_props if not p.key.startswith("edgecc.")}
+    props["edgecc.source_format"] = fmt
+    if digest:
+        props["edgecc.source_sha256"] = digest
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
