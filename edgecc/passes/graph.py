@@ -7,6 +7,7 @@ constants. It is a snapshot: rebuild it after structural edits (or use its updat
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
@@ -184,16 +185,63 @@ def value_consumers(index: GraphIndex, name: str) -> list[onnx.NodeProto]:
 
 
 def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Name -> inferred type (element type and shape) of every tensor shape inference reaches."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # best effort: an op without a shape function still leaves the rest
-        inferred = model
-    g = inferred.graph
-    types = {vi.name: vi.type for vi in list(g.input) + list(g.output) + list(g.value_info)}
-    for t in g.initializer:
+    """Name -> inferred type (element type and shape) of every tensor shape inference reaches.
+
+    Inference starts afresh (see :func:`infer_shapes_copy`); a stored ``value_info`` is used
+    only for tensors inference cannot type.
+    """
+    g = infer_shapes_copy(model).graph
+    types = {vi.name: vi.type for vi in model.graph.value_info}
+    types.update((vi.name, vi.type) for vi in list(g.input) + list(g.output) + list(g.value_info))
+    for t in model.graph.initializer:
         types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
     return types
+
+
+def infer_shapes_copy(model: onnx.ModelProto, max_elements: int = 64) -> onnx.ModelProto:
+    """A shape-inferred copy of ``model``, ignoring its (possibly stale) ``value_info``.
+
+    Small integer tensors computed from constants (Reshape targets, Reduce axes built from
+    ``Constant`` nodes, as torch's exporter writes them) are first materialised as initializers
+    in the copy, so the ops reading them get full shapes where ONNX's data propagation stops.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    del work.graph.value_info[:]
+    first = _infer_or_same(work)
+    types = {vi.name: vi.type for vi in first.graph.value_info}
+    index = GraphIndex(work)
+    values: dict[str, str | None] = {}
+    for node in work.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in values:
+                values[name] = _materialise(index, name, types, max_elements)
+            if values[name] is not None:
+                node.input[k] = values[name]
+    return _infer_or_same(work) if any(values.values()) else first
+
+
+def _materialise(index: GraphIndex, name: str, types: dict[str, onnx.TypeProto],
+                 max_elements: int) -> str | None:
+    """The name of a new initializer holding ``name``'s value, if small, integer and constant."""
+    if not name or name in index.initializers or name not in index.producer:
+        return None
+    shape = static_shape(types, name)
+    elem = types[name].tensor_type.elem_type if name in types else 0
+    if shape is None or not all(isinstance(d, int) for d in shape) \
+            or math.prod(shape) > max_elements \
+            or elem not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        return None
+    value = const_value(index, name, types)
+    return None if value is None else index.add_initializer(f"{name}_const", value)
+
+
+def _infer_or_same(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:  # best effort: an op without a shape function leaves the rest
+        logger.info("shape inference failed: %s", err)
+        return model
 
 
 def static_shape(types: dict[str, onnx.TypeProto], name: str) -> list[int | str | None] | None:
@@ -333,11 +381,8 @@ def remove_dead_nodes(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
 
 
 def refresh_shapes(model: onnx.ModelProto) -> None:
-    """Drop every stale ``value_info`` and re-run shape inference (best effort) in place."""
+    """Replace every (stale) ``value_info`` with freshly inferred shapes, in place."""
+    produced = {o for n in model.graph.node for o in n.output}
+    inferred = infer_shapes_copy(model).graph.value_info
     del model.graph.value_info[:]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as err:  # keep going without intermediate shapes, they are only hints
-        logger.info("shape inference failed after rewrite: %s", err)
-        return
-    model.graph.value_info.extend(inferred.graph.value_info)
+    model.graph.value_info.extend(vi for vi in inferred if vi.name in produced)
