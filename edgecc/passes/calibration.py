@@ -565,8 +565,8 @@ def observe(model: onnx.ModelProto, tensors: Sequence[str],
         missing = [n for n in inputs if n not in feeds]
         if missing:
             raise UserInputError(f"calibration batch lacks model inputs: {', '.join(missing)}")
-        try:
-            values = sess.run(fetched, {n: np.asarray(feeds[n]) for n in inputs})
+        try:  # (ORT reads an empty output list as "all outputs")
+            values = sess.run(fetched, {n: np.asarray(feeds[n]) for n in inputs}) if fetched else []
         except Exception as err:  # ORT reports bad feeds (shape, dtype) as generic failures
             raise UserInputError(f"calibration batch {count + 1} does not run: {err}") from err
         for name, value in zip(fetched, values, strict=True):

@@ -386,3 +386,26 @@ def refresh_shapes(model: onnx.ModelProto) -> None:
     inferred = infer_shapes_copy(model).graph.value_info
     del model.graph.value_info[:]
     model.graph.value_info.extend(vi for vi in inferred if vi.name in produced)
+
+
+def fold_shape_reads(model: onnx.ModelProto, names: Iterable[str]) -> int:
+    """Replace each ``Shape`` node reading one of the constant tensors ``names`` by an
+    initializer holding that shape; returns how many were replaced.
+
+    A pass that replaced a weight calls this so a ``Shape(W)`` (torch's exporter builds the zero
+    bias of a bias-free convolution from one) no longer keeps the old weight alive.
+    """
+    index = GraphIndex(model)
+    dead: set[int] = set()
+    for name in set(names):
+        value = index.const(name)
+        for node in index.consumers.get(name, []) if value is not None else []:
+            if node.op_type == "Shape" and id(node) not in dead:
+                start, end = attr(node, "start", 0), attr(node, "end", None)
+                index.set_initializer(node.output[0],
+                                      np.array(value.shape[start:end], np.int64))
+                dead.add(id(node))
+    for i in reversed(range(len(model.graph.node))):
+        if id(model.graph.node[i]) in dead:
+            del model.graph.node[i]
+    return len(dead)
