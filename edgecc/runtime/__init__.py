@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from edgecc.errors import EdgeccError, ToolchainError
-from edgecc.runtime.emulation import emulated_python, prepare_emulator
 from edgecc.targets import Target
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,18 @@ def host_arch() -> str:
     """This machine's architecture in edgecc's naming (``x86_64`` or ``aarch64``)."""
     machine = platform.machine().lower()
     return _MACHINES.get(machine, machine)
+
+
+def prepare_emulator(progress: Callable[[str], None] | None = None) -> Path:
+    """Prepare (once; idempotent) the cached aarch64 Python that runs aarch64 CPU libraries.
+
+    See :func:`edgecc.runtime.emulation.prepare_emulator`; setup scripts call this (or
+    ``python -m edgecc.runtime.emulation``) to warm the cache.
+    """
+    # Imported here so ``python -m edgecc.runtime.emulation`` does not find it pre-imported.
+    from edgecc.runtime import emulation
+
+    return emulation.prepare_emulator(progress)
 
 
 def has_cuda_device() -> bool:
@@ -101,5 +112,7 @@ def _launcher(target: Target, progress: Callable[[str], None] | None
     if target.arch == here:
         return [sys.executable], None
     if target.arch == "aarch64":
-        return emulated_python(prepare_emulator(progress))
+        from edgecc.runtime import emulation
+
+        return emulation.emulated_python(prepare_emulator(progress))
     raise ToolchainError(f"cannot run {target.arch} code for {target.name} on this {here} host")

@@ -204,3 +204,8 @@ def emulated_python(root: Path) -> tuple[list[str], dict[str, str]]:
     env.update({"PYTHONPATH": str(root / "site"), "PYTHONNOUSERSITE": "1",
                 "PYTHONDONTWRITEBYTECODE": "1"})
     return [qemu_binary(), "-L", str(sysroot), str(sysroot / PYTHON)], env
+
+
+if __name__ == "__main__":  # ``python -m edgecc.runtime.emulation``: warm the cache (setup, CI)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("aarch64 emulator: %s", prepare_emulator())
