@@ -1,0 +1,141 @@
+"""Weight-only int8: store constant MatMul/Gemm/LSTM/GRU weights as int8 + DequantizeLinear.
+
+Each weight is quantized per output channel, symmetrically (as in :mod:`edgecc.passes.insert_qdq`)::
+
+    s_c = max|W_c| / 127,   W_q = clip(round(W / s_c), -127, 127),   W ~ W_q * s_c
+
+and the op reads ``DequantizeLinear(W_q, s, 0)`` instead of ``W``. Activations stay float, so no
+calibration is needed and the arithmetic is float: the gain is a ~4x smaller weight store (what
+dominates transformer and RNN model size), the cost a per-channel rounding error of at most
+``s_c / 2`` per element. Channel axes: MatMul ``x @ W`` the last axis of W (``W @ x``: the
+second-to-last axis of W); Gemm the N axis of B (0 with ``transB=1``, else 1); LSTM/GRU ``W``
+(input 1) and ``R`` (input 2), shaped ``(directions, gates * hidden, size)``, axis 1 (one scale per
+gate row, shared by the directions). Biases stay float.
+
+Declined, with a reason in ``info["declined"]``: non-constant or non-float32 weights, weights with
+fewer than ``min_size`` elements, nodes in ``skip`` (names or op types), and weights also read by a
+node that is not quantized (a tied embedding, say: the float copy would have to stay, so nothing
+would be saved). ``info`` reports the model bytes before and after. The model needs ONNX opset
+>= 13 (per-axis DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgecc.errors import UserInputError
+from edgecc.passes.graph import GraphIndex, value_consumers
+from edgecc.passes.insert_qdq import (
+    MIN_OPSET,
+    WeightQuantizer,
+    as_list,
+    finish,
+    matches,
+    opset,
+    weight_axis,
+)
+from edgecc.passes.manager import PassContext, PassResult, register
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SLOTS = {"MatMul": (0, 1), "Gemm": (1,), "LSTM": (1, 2), "GRU": (1, 2)}
+
+
+def _axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
+    """The output-channel axis of the weight in input ``slot`` of ``node``."""
+    if node.op_type in ("LSTM", "GRU"):
+        return 1
+    if node.op_type == "MatMul" and slot == 0:
+        return rank - 2 if rank >= 2 else None
+    return weight_axis(node, rank)
+
+
+def find_weights(model: onnx.ModelProto, skip: Sequence[str], min_size: int
+                 ) -> tuple[list[tuple[onnx.NodeProto, int, str]], list[dict[str, str]]]:
+    """The ``(node, input slot, weight)`` to quantize and the declined ones (analysis only)."""
+    index = GraphIndex(model)
+    found, declined = [], []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_SLOTS:
+            continue
+        if matches(node, skip):
+            declined.append({"node": node.name, "op": node.op_type, "reason": "in skip"})
+            continue
+        slots = [s for s in WEIGHT_SLOTS[node.op_type]
+                 if s < len(node.input) and node.input[s] and index.is_const(node.input[s])]
+        if node.op_type == "MatMul":
+            slots = slots[-1:]  # x @ W, or W @ x when only the first operand is constant
+        if not slots:
+            declined.append({"node": node.name, "op": node.op_type,
+                             "reason": "no constant weight"})
+        for slot in slots:
+            name = node.input[slot]
+            reason = _decline(name, index, min_size)
+            if reason:
+                declined.append({"node": node.name, "op": node.op_type, "reason": reason})
+            else:
+                found.append((node, slot, name))
+    targets = {(n.name, name) for n, _, name in found}
+    shared = {name for _, _, name in found
+              if any((c.name, name) not in targets for c in value_consumers(index, name))}
+    for node, _, name in found:
+        if name in shared:
+            others = sorted({c.name for c in value_consumers(index, name)
+                             if (c.name, name) not in targets})
+            declined.append({"node": node.name, "op": node.op_type,
+                             "reason": f"weight {name!r} is also read by {', '.join(others)}"})
+    return [f for f in found if f[2] not in shared], declined
+
+
+def _decline(name: str, index: GraphIndex, min_size: int) -> str | None:
+    w = index.const(name)
+    if w.dtype != np.float32:
+        return f"weight {name!r} is {w.dtype}, not float32"
+    if w.size < min_size:
+        return f"{w.size} weight elements < min_size={min_size}"
+    if name in index.graph_outputs:
+        return f"weight {name!r} is a graph output"
+    return None
+
+
+@register("dynamic-quant")
+class QuantizeDynamic:
+    """Weight-only int8 for MatMul/Gemm/LSTM/GRU (see module docstring).
+
+    Args:
+        skip: node names or op types to leave alone.
+        min_size: leave weights with fewer elements alone.
+    """
+
+    name = "dynamic-quant"
+
+    def __init__(self, skip: str | Sequence[str] | None = None, min_size: int = 0):
+        self.skip, self.min_size = as_list(skip), int(min_size)
+
+    def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        found, declined = find_weights(model, self.skip, self.min_size)
+        info: dict[str, Any] = {"declined": declined, "bytes_before": model.ByteSize()}
+        if not found:
+            info["bytes_after"] = info["bytes_before"]
+            return PassResult(model, False, info)
+        if opset(model) < MIN_OPSET:
+            raise UserInputError(f"dynamic-quant needs ONNX opset >= {MIN_OPSET} (per-channel "
+                                 f"DequantizeLinear); the model imports opset {opset(model)}")
+        index = GraphIndex(model)
+        weights = WeightQuantizer(index)
+        for node, slot, name in found:
+            axis = _axis(node, slot, index.const(name).ndim)
+            node.input[slot] = weights.dequantized(name, axis)[0]
+        finish(model, weights.nodes, weights.replaced)
+        info.update({"quantized": [{"node": n.name, "op": n.op_type, "weight": w}
+                                   for n, _, w in found],
+                     "bytes_after": model.ByteSize()})
+        info["ratio"] = info["bytes_after"] / info["bytes_before"]
+        logger.info("dynamic-quant: %d weights to int8, %d -> %d bytes", len(weights.weights),
+                    info["bytes_before"], info["bytes_after"])
+        return PassResult(model, True, info)
