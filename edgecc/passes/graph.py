@@ -72,7 +72,7 @@ class GraphIndex:
 
     def set_initializer(self, name: str, value: np.ndarray) -> None:
         """Replace (or add) the initializer ``name`` with ``value``."""
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        tensor = numpy_helper.from_array(np.asarray(value, order="C"), name)  # 0-d stays 0-d
         if name in self.initializers:
             self.initializers[name].CopyFrom(tensor)
         else:

@@ -74,7 +74,7 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------
-# A small CNN exported by torch (conv, bias-free conv, depthwise, residual, linear)
+# A small CNN exported by torch (conv, bias-free conv, depthwise, residual add, linear)
 
 
 class SmallCNN(torch.nn.Module):
@@ -84,12 +84,14 @@ class SmallCNN(torch.nn.Module):
         self.c2 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
         self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
         self.pw = torch.nn.Conv2d(32, 32, 1)
+        self.c3 = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.fc = torch.nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.c1(x))
         x = torch.relu(self.c2(x))
-        x = torch.relu(self.pw(torch.relu(self.dw(x)))) + x
+        x = torch.relu(self.pw(torch.relu(self.dw(x))) + x)
+        x = torch.relu(self.c3(x))
         return self.fc(x.mean((2, 3)))
 
 
@@ -116,13 +118,16 @@ def test_small_cnn_keeps_cosine_099_on_held_out_inputs(cnn, method, activation, 
     ref = run_onnx(cnn, held)
     assert min(cosine(outs[k], ref[k]) for k in ref) >= 0.99
     assert "QGemm" in ops
-    if activation == "uint8":  # ReLU outputs get zp = 0: ORT drops the ReLU, fuses the conv
-        assert "QLinearConv" in ops
+    if activation == "uint8":  # ReLU outputs get zp = 0: ORT drops the ReLU, fuses conv and add
+        assert "QLinearConv" in ops and "QLinearAdd" in ops
     info = result.info
     assert info["calibration"]["samples"] == 32 and info["calibration"]["batches"] == 4
     assert info["method"] == method and info["activation"].startswith(activation)
+    inits = _inits(result.model)
+    assert all(inits[f"{t}_scale"].shape == inits[f"{t}_zero_point"].shape == ()
+               for t in info["activations"])  # per tensor: scalars, as QLinearAdd requires
     # every float weight went, the torch zero bias of the bias-free conv included
-    floats = [k for k, v in _inits(result.model).items() if v.dtype == np.float32 and v.ndim > 1]
+    floats = [k for k, v in inits.items() if v.dtype == np.float32 and v.ndim > 1]
     assert floats == [] and info["float_weights_kept"] == []
 
 
