@@ -1,4 +1,5 @@
-"""Small hand-written torch architectures shared by the tests (torchvision does not import here).
+"""Shared test models: small hand-written torch architectures (torchvision does not import
+here), all-MiniLM-L6-v2, and a builder for small ONNX graphs.
 
 Every model built with :func:`make_model` is seeded, in eval mode, and has randomised
 BatchNorm running statistics and affine parameters, so no BatchNorm is an identity and folding
@@ -15,9 +16,12 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual alias)
+from onnx import helper, numpy_helper
 from torch import nn
 
 
@@ -275,3 +279,33 @@ def load_minilm(
     )
     names = ("input_ids", "attention_mask", "token_type_ids")
     return model, {k: encoded[k].to(torch.int64) for k in names}
+
+
+# --- small ONNX graphs for pass tests ---------------------------------------------------------
+
+
+def tensor(name: str, shape: list[int | str] | None, dtype: int = 1) -> onnx.ValueInfoProto:
+    """A tensor value info (``dtype`` an ONNX TensorProto type, float32 by default)."""
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def onnx_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: dict[str, np.ndarray] | None = None,
+    value_info: list[onnx.ValueInfoProto] | None = None,
+    opset: int = 18,
+) -> onnx.ModelProto:
+    """A checked model of one graph, IR version 10 (what ONNX Runtime reads)."""
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        inputs,
+        outputs,
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()],
+        value_info=value_info or [],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model

@@ -138,9 +138,12 @@ def _from_file(
         return _from_onnx(read_onnx(path), specs, seed, opset, str(path), digest)
     import torch
 
+    from edgecc.frontend.torch_export import quiet
+
     if kind == detect.TORCHSCRIPT:
         try:
-            obj = torch.jit.load(str(path), map_location="cpu")
+            with quiet():
+                obj = torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
             raise UserInputError(f"cannot load TorchScript file {path}: {first_line(err)}") from err
     elif kind == detect.EXPORT:
@@ -505,8 +508,11 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
     """A ``torch.save`` file: a state_dict is refused, a module needs ``trust_pickle``."""
     import torch
 
+    from edgecc.frontend.torch_export import quiet
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise UserInputError(
@@ -520,7 +526,8 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
     else:
         raise _not_a_model(path, obj)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        with quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError, ImportError) as err:
         raise UserInputError(
             f"cannot unpickle {path}: its module class is not importable here ({first_line(err)}); "
@@ -549,6 +556,7 @@ def _unsafe_globals(path: Path) -> str:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:
         return ""
+    names = sorted(names, key=lambda n: (n.startswith("torch."), n))  # the user's classes first
     return f" (classes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
 
 
@@ -560,6 +568,8 @@ def _load_exported_program(path: Path, trust_pickle: bool) -> Any:
     """
     import torch
 
+    from edgecc.frontend.torch_export import quiet
+
     if not trust_pickle:
         reason = _pt2_needs_unpickling(path)
         if reason:
@@ -568,7 +578,8 @@ def _load_exported_program(path: Path, trust_pickle: bool) -> Any:
                 "from the file; rerun with --trust-pickle (trust_pickle=True) if you trust it"
             )
     try:
-        return torch.export.load(str(path))
+        with quiet():
+            return torch.export.load(str(path))
     except Exception as err:
         raise UserInputError(f"cannot load torch.export archive {path}: {first_line(err)}") from err
 
@@ -578,6 +589,8 @@ def _pt2_needs_unpickling(path: Path) -> str:
     import io
 
     import torch
+
+    from edgecc.frontend.torch_export import quiet
 
     with zipfile.ZipFile(path) as zf:
         for name in zf.namelist():
@@ -591,7 +604,8 @@ def _pt2_needs_unpickling(path: Path) -> str:
                         return f"pickled member {fqn!r}"
             elif inner.endswith(".pt"):
                 try:
-                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
+                    with quiet():
+                        torch.load(io.BytesIO(zf.read(name)), weights_only=True)
                 except Exception:
                     return f"pickled objects in {inner}"
     return ""

@@ -28,21 +28,31 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     Raises:
         UserInputError: the file is not a readable ONNX model, or its external data is missing.
     """
+    corrupt = f"cannot read {path}: not an ONNX model nor a torch file, or it is truncated/corrupt"
     try:
-        model = onnx.load_model(str(path), format="protobuf", load_external_data=True)
-    except FileNotFoundError as err:
-        raise UserInputError(f"{path}: external data file missing: {err.filename or err}") from err
-    except Exception as err:  # protobuf raises DecodeError, RuntimeWarning-ish ValueErrors...
+        model = onnx.load_model(str(path), format="protobuf", load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
         logger.debug("onnx.load(%s) failed", path, exc_info=True)
-        raise UserInputError(
-            f"cannot read {path}: not an ONNX model nor a torch file, or it is truncated/corrupt "
-            f"({type(err).__name__}: {first_line(err)})"
-        ) from err
+        raise UserInputError(f"{corrupt} ({type(err).__name__}: {first_line(err)})") from err
     if not model.ir_version or not model.opset_import or not model.graph.output:
+        raise UserInputError(f"{corrupt} (no IR version, opset or graph outputs)")
+    external = {
+        dict((e.key, e.value) for e in t.external_data).get("location", "")
+        for t in model.graph.initializer
+        if external_data_helper.uses_external_data(t)
+    }
+    missing = sorted(loc for loc in external if not (path.parent / loc).is_file())
+    if missing:
         raise UserInputError(
-            f"cannot read {path}: not an ONNX model nor a torch file, or it is truncated/corrupt "
-            "(no IR version, opset or graph outputs)"
+            f"{path}: external data file {', '.join(missing)} (next to the model) is missing"
         )
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as err:
+            raise UserInputError(
+                f"{path}: cannot read its external data: {first_line(err)}"
+            ) from err
     return model
 
 
@@ -89,9 +99,9 @@ def finalize(
         # Symbolic shapes inferred earlier would contradict the new static ones.
         del model.graph.value_info[:]
         for out in model.graph.output:
-            dims = out.type.tensor_type.shape.dim
-            if any(not d.HasField("dim_value") for d in dims):
-                out.type.tensor_type.ClearField("shape")
+            for dim in out.type.tensor_type.shape.dim:
+                if not dim.HasField("dim_value"):
+                    dim.Clear()  # unknown, for inference to fill in
     try:
         model = _check_and_infer(model)
     except Exception:
@@ -158,10 +168,10 @@ def _resolve_shape(
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
         for d in inp.type.tensor_type.shape.dim
     ]
+    pretty = "x".join(_dim_text(d) for d in inp.type.tensor_type.shape.dim) or "unknown"
     if spec is None:
         if has_shape and None not in dims:
             return tuple(dims)
-        pretty = "x".join(str(d) if d else "?" for d in dims) if has_shape else "unknown"
         example = "x".join(str(d or 1) for d in dims) if has_shape and dims else "1x3x224x224"
         raise UserInputError(
             f"input {inp.name!r} of {origin} has shape {pretty}: pass its static shape with "
@@ -171,11 +181,16 @@ def _resolve_shape(
         len(dims) != len(spec.shape)
         or any(d not in (None, s) for d, s in zip(dims, spec.shape, strict=True))
     ):
-        pretty = "x".join(str(d) if d else "?" for d in dims)
         raise UserInputError(
             f"input {inp.name!r}: shape {spec.text()} does not match the model's {pretty}"
         )
     return spec.shape
+
+
+def _dim_text(dim: onnx.TensorShapeProto.Dimension) -> str:
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return str(dim.dim_value)
+    return dim.dim_param or "?"
 
 
 def first_line(err: BaseException) -> str:
