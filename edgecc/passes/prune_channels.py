@@ -113,15 +113,14 @@ class PruneChannels:
                     mask = kept[atoms]
                     if not mask.all():
                         keep[name] = np.flatnonzero(mask)
-        if not keep:
-            return PassResult(model, False, info)
         macs_before = graph_stats(model)["macs"]
-        self._rewrite(model, index, analysis, values, keep)
-        macs_after = graph_stats(model)["macs"]
+        if keep:
+            self._rewrite(model, index, analysis, values, keep)
+        macs_after = graph_stats(model)["macs"] if keep else macs_before
         info.update(macs_before=macs_before, macs_after=macs_after,
                     mac_reduction=1 - macs_after / macs_before if macs_before else 0.0)
         logger.info("prune: MACs %d -> %d", macs_before, macs_after)
-        return PassResult(model, True, info)
+        return PassResult(model, bool(keep), info)
 
     def _ratio(self, group: ChannelGroup) -> float:
         ratios = [self.overrides[s] for s in group.sources if s in self.overrides]

@@ -137,6 +137,7 @@ def test_ratio_0_changes_nothing(name: str) -> None:
     assert not result.modified
     assert result.model.SerializeToString() == model.SerializeToString()
     assert all(g["kept"] == g["total"] for g in result.info["groups"])
+    assert result.info["mac_reduction"] == 0.0
 
 
 def test_pruning_zero_channels_is_exact() -> None:
