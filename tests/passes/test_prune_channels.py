@@ -280,3 +280,47 @@ def test_pipeline_text() -> None:
     assert not [n for n in out.graph.node if n.op_type == "BatchNormalization"]
     assert graph_stats(out)["macs"] < 0.75 * graph_stats(model)["macs"]
     _check_valid(model, out, feeds)
+
+
+def test_zero_channels_through_many_ops_is_exact() -> None:
+    """PRelu, InstanceNorm, Pad, Resize(sizes), Mul, Concat with a constant, Transpose, MatMul."""
+    rng = np.random.default_rng(3)
+    w1, b1 = rng.standard_normal((8, 3, 3, 3)), rng.standard_normal(8)
+    w2, b2 = rng.standard_normal((6, 10, 1, 1)), rng.standard_normal(6)
+    in_bias = rng.standard_normal(8)
+    for w, b, zero in ((w1, b1, [0, 2, 5]), (w2, b2, [1, 4])):
+        w[zero], b[zero] = 0, 0
+    in_bias[[0, 2, 5]] = 0  # InstanceNorm maps a zero channel to its bias
+    inits = {"w1": w1, "b1": b1, "slope": rng.uniform(0.1, 0.3, (8, 1, 1)),
+             "in_s": rng.uniform(0.5, 1.5, 8), "in_b": in_bias,
+             "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1]), "sizes": np.array([1, 8, 8, 8]),
+             "k": rng.standard_normal((1, 8, 1, 1)), "extra": rng.standard_normal((1, 2, 8, 8)),
+             "w2": w2, "b2": b2, "wm": rng.standard_normal((6, 5))}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("PRelu", ["c1", "slope"], ["p"]),
+             helper.make_node("InstanceNormalization", ["p", "in_s", "in_b"], ["n"]),
+             helper.make_node("Pad", ["n", "pads"], ["pd"]),
+             helper.make_node("Resize", ["pd", "", "", "sizes"], ["rs"], mode="nearest"),
+             helper.make_node("Mul", ["rs", "k"], ["m"]),
+             helper.make_node("Concat", ["m", "extra"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t", "wm"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 5])],
+        [numpy_helper.from_array(v.astype(np.int64 if k in ("pads", "sizes") else np.float32), k)
+         for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = _prune(model, ratio=0.0, overrides={"conv1": 0.3, "conv2": 2 / 6})
+    diff = _check_valid(model, result.model, {"x": rng.standard_normal((1, 3, 4, 4))
+                                              .astype(np.float32)})
+    assert diff["max_rel_diff"] <= EXACT_RTOL, diff
+    assert [(g["kept"], g["total"]) for g in result.info["groups"]] == [(7, 10), (4, 6)]
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w1"] == [5, 3, 3, 3] and shapes["slope"] == [5, 1, 1]
+    assert shapes["k"] == [1, 5, 1, 1] and shapes["w2"] == [4, 7, 1, 1] and shapes["wm"] == [4, 5]
+    sizes = next(t for t in result.model.graph.initializer
+                 if t.name == result.model.graph.node[4].input[3])
+    assert numpy_helper.to_array(sizes).tolist() == [1, 5, 8, 8]
