@@ -27,8 +27,11 @@ than twice the observed maximum. From the histogram:
 - percentile ``p``: the upper edge of the bin where the CDF of ``|x|`` reaches ``p/100``;
 - entropy (TensorRT-style): for every candidate threshold ``i`` bins (``i >= levels``), the
   reference distribution ``P`` is the first ``i`` bins with the tail mass added to bin ``i-1``;
-  ``Q`` quantises those ``i`` bins into ``levels`` (128) groups and spreads each group's mass
-  evenly over its non-empty bins; the threshold minimising ``KL(P || Q)`` wins.
+  ``Q`` quantises those ``i`` bins into ``levels`` groups (128 for a signed range, 256 for a
+  non-negative tensor quantised to uint8) and spreads each group's mass evenly over its non-empty
+  bins; the threshold minimising ``KL(P || Q)`` wins (the largest, on ties). As in NVIDIA's
+  pytorch-quantization, bin 0 counts as its neighbour bin 1: the exact zeros a ReLU produces
+  would otherwise dominate ``P`` and push the threshold far too low.
 
 The clipping threshold ``T`` of either method turns the observed range into
 ``[max(min, -T), min(max, T)]`` (so a post-ReLU tensor keeps ``[0, T]``).
@@ -442,7 +445,7 @@ class HistogramObserver(MinMaxObserver):
         return min((i + 1) * self.bin_width, max(abs(self.min), abs(self.max)))
 
     def entropy_threshold(self, levels: int = 128) -> float:
-        """The ``|x|`` clipping threshold minimising KL(P || Q) (TensorRT's calibration)."""
+        """The ``|x|`` clipping threshold minimising KL(P || Q) (see module docstring)."""
         nonzero = np.flatnonzero(self.hist)
         if nonzero.size == 0:
             return 0.0
@@ -451,11 +454,12 @@ class HistogramObserver(MinMaxObserver):
         if last <= levels:  # the whole histogram fits in `levels` bins: nothing to clip
             return top
         hist = self.hist[:last].astype(np.float64)
+        hist[0] = hist[1]
         tails = np.cumsum(hist[::-1])[::-1]  # tails[i] = sum(hist[i:])
         best_kl, best_i = math.inf, last
         for i in range(levels, last + 1):
             kl = _kl_clipped(hist[:i], tails[i] if i < last else 0.0, levels)
-            if kl < best_kl:
+            if kl <= best_kl:
                 best_kl, best_i = kl, i
         return min(best_i * self.bin_width, top)
 

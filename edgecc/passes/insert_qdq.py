@@ -165,6 +165,14 @@ class WeightQuantizer:
         return out
 
 
+def computed_weight(index: GraphIndex, name: str) -> str | None:
+    """A decline reason when ``name`` is computed from constants rather than stored (torch's
+    exporter writes ``MatMul(x, Transpose(W))``; ``fold-constants`` makes it one initializer)."""
+    if const_value(index, name) is None:
+        return None
+    return f"weight {name!r} is computed from constants: run fold-constants first"
+
+
 def weight_axis(node: onnx.NodeProto, rank: int) -> int | None:
     """The output-channel axis of the constant weight (input 1) of Conv/Gemm/MatMul."""
     if node.op_type == "Conv":
@@ -259,9 +267,12 @@ def _site(node: onnx.NodeProto, index: GraphIndex,
     if node.op_type == "MatMul" and index.is_const(a):
         return "constant first operand (W @ x) is not handled"
     if node.op_type == "MatMul" and not index.is_const(b):
+        computed = computed_weight(index, b)
+        if computed:
+            return computed
         site = Site(node, [a, b])
     elif not index.is_const(b):
-        return f"weight {b!r} is not constant"
+        return computed_weight(index, b) or f"weight {b!r} is not constant"
     else:
         w = index.const(b)
         if w.dtype != np.float32:
@@ -375,7 +386,8 @@ class InsertQDQ:
         return PassResult(model, True, info)
 
     def _params(self, observer: Any, act: str) -> dict[str, Any]:
-        lo, hi = calibrated_range(observer, self.method, self.percentile)
+        unsigned = act == "uint8" and observer.range()[0] >= 0  # all 256 levels on [0, hi]
+        lo, hi = calibrated_range(observer, self.method, self.percentile, 256 if unsigned else 128)
         scale, zero_point = activation_qparams(lo, hi, act)
         return {"scale": scale, "zero_point": zero_point, "range": [lo, hi],
                 "observed": list(observer.range())}

@@ -201,6 +201,15 @@ def test_entropy_clips_outliers_and_keeps_uniform_ranges():
     assert uniform.entropy_threshold() >= 0.97 * 4  # nothing to gain by clipping
 
 
+@pytest.mark.parametrize("levels", [128, 256])
+def test_entropy_is_not_dragged_down_by_relu_zeros(levels):
+    """Half the values of a ReLU output are exact zeros; counted as they are, that bin dominates
+    P and the threshold falls to ~1.8 here. With bin 0 = bin 1 it stays near the tail."""
+    obs = HistogramObserver()
+    obs.update(np.maximum(_rng(5).normal(size=200_000), 0).astype(np.float32))
+    assert 3.0 < obs.entropy_threshold(levels) <= obs.max
+
+
 def test_ranges_of_a_post_relu_tensor_start_at_zero():
     obs = HistogramObserver()
     obs.update(np.maximum(_rng(4).normal(size=10_000), 0).astype(np.float32))
