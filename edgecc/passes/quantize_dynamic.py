@@ -34,6 +34,7 @@ from edgecc.passes.insert_qdq import (
     MIN_OPSET,
     WeightQuantizer,
     as_list,
+    computed_weight,
     finish,
     matches,
     opset,
@@ -71,8 +72,8 @@ def find_weights(model: onnx.ModelProto, skip: Sequence[str], min_size: int
         if node.op_type == "MatMul":
             slots = slots[-1:]  # x @ W, or W @ x when only the first operand is constant
         if not slots:
-            declined.append({"node": node.name, "op": node.op_type,
-                             "reason": "no constant weight"})
+            declined.append({"node": node.name, "op": node.op_type, "reason":
+                             computed_weight(index, node.input[1]) or "no constant weight"})
         for slot in slots:
             name = node.input[slot]
             reason = _decline(name, index, min_size)

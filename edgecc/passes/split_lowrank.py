@@ -61,7 +61,7 @@ from edgecc.passes.graph import (
     remove_if_unused,
     value_consumers,
 )
-from edgecc.passes.insert_qdq import as_list, matches
+from edgecc.passes.insert_qdq import as_list, computed_weight, matches
 from edgecc.passes.manager import PassContext, PassResult, register
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _layer(node: onnx.NodeProto, index: GraphIndex, skip: Sequence[str],
     if node.op_type == "MatMul" and index.is_const(a) and not index.is_const(b):
         return "constant first operand (W @ x) is not handled"
     if not index.is_const(b):
-        return f"weight {b!r} is not constant"
+        return computed_weight(index, b) or f"weight {b!r} is not constant"
     w = index.const(b)
     if node.op_type == "Conv":
         if attr(node, "group", 1) != 1:

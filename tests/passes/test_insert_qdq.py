@@ -310,18 +310,22 @@ def test_shared_weight_is_quantized_once_and_kept_float_for_other_readers():
 def test_declined_nodes_have_reasons():
     rng = _rng(6)
     nodes = [helper.make_node("MatMul", ["w", "x"], ["h"], name="w_at_x"),
-             helper.make_node("Conv", ["img", "k"], ["c"], name="dynamic_conv")]
+             helper.make_node("Conv", ["img", "k"], ["c"], name="dynamic_conv"),
+             helper.make_node("Transpose", ["w"], ["w_t"], name="transpose"),
+             helper.make_node("MatMul", ["h", "w_t"], ["v"], name="computed")]
     model = _model(nodes, [helper.make_tensor_value_info("x", F, [4, 3]),
                            helper.make_tensor_value_info("img", F, [1, 2, 5, 5]),
                            helper.make_tensor_value_info("k", F, [2, 2, 3, 3])],
-                   [helper.make_tensor_value_info("h", F, [5, 3]),
+                   [helper.make_tensor_value_info("v", F, [3, 5]),
                     helper.make_tensor_value_info("c", F, [1, 2, 3, 3])],
                    {"w": rng.normal(size=(5, 4)).astype(np.float32)})
     result = _run(model, PassContext(calibration=lambda: []))  # nothing left to calibrate
     assert not result.modified
     reasons = {d["node"]: d["reason"] for d in result.info["declined"]}
     assert reasons == {"w_at_x": "constant first operand (W @ x) is not handled",
-                       "dynamic_conv": "weight 'k' is not constant"}
+                       "dynamic_conv": "weight 'k' is not constant",
+                       "computed": "weight 'w_t' is computed from constants: run "
+                                   "fold-constants first"}
 
 
 @pytest.mark.parametrize(("target", "activation", "zp_type"), [

@@ -178,6 +178,21 @@ def test_constant_first_operand_is_quantized_along_its_rows():
     assert _cos_default_ort(result.model, model, feeds) >= 0.999
 
 
+def test_weight_computed_from_constants_asks_for_fold_constants():
+    nodes = [helper.make_node("Transpose", ["w_t"], ["w"], name="transpose"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("MatMul", ["y", "z"], ["attn"], name="act_by_act")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [3, 4]),
+                           helper.make_tensor_value_info("z", F, [5, 2])],
+                   [helper.make_tensor_value_info("attn", F, [3, 2])],
+                   {"w_t": np.ones((5, 4), np.float32)})
+    result = _run(model)
+    assert not result.modified
+    assert {d["node"]: d["reason"] for d in result.info["declined"]} == {
+        "mm": "weight 'w' is computed from constants: run fold-constants first",
+        "act_by_act": "no constant weight"}
+
+
 def test_through_the_pipeline_text():
     model = _mlp()
     manager = PassManager(parse_pipeline("dynamic-quant(skip=[fc3],min_size=0)"))

@@ -213,6 +213,18 @@ def test_torch_style_zero_bias_does_not_keep_the_old_weight():
                                atol=1e-4, rtol=0)
 
 
+def test_weight_computed_from_constants_asks_for_fold_constants():
+    nodes = [helper.make_node("Transpose", ["w_t"], ["w"], name="transpose"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [3, K])],
+                   [helper.make_tensor_value_info("y", F, [3, N])],
+                   {"w_t": _low_rank(K, N, 4).T.copy()})
+    result = _run(model, rank=4)
+    assert not result.modified
+    assert result.info["declined"][0]["reason"] == (
+        "weight 'w' is computed from constants: run fold-constants first")
+
+
 def test_nothing_to_split():
     model = _model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
                    [helper.make_tensor_value_info("x", F, [2])],
