@@ -27,7 +27,9 @@ with the reason, e.g. a classifier's logits). Shapes are re-inferred and stale `
 dropped.
 
 Limits: lossy by design (fine-tune afterwards); the analysis's limits apply (Split/Slice/Gather
-on channels, LayerNorm, attention reshapes leave their groups whole).
+on channels, LayerNorm, attention reshapes leave their groups whole); ``round_to`` counts atoms,
+so it is exact per tensor only in groups without Concat; a constant shared by several nodes is
+sliced into one copy per node.
 """
 
 from __future__ import annotations
