@@ -22,11 +22,15 @@ layout of VNNI and ONNX Runtime's default, and a post-ReLU tensor gets ``zp = 0`
 drops the ReLU and fuses QLinearConv), ``int8`` symmetric elsewhere (ARM ``sdot``, TensorRT) and
 when no target is set.
 
-Where QDQ goes: on every float activation input of a quantized Conv/Gemm/MatMul, and (``outputs=
-True``, the default) on its output, moved past a sole Relu/Clip consumer, so that runtimes can fuse
-``DQ -> op -> Q`` into one integer kernel. A quantized tensor is read through its DQ by every
-consumer except nodes in ``keep_float``. Graph outputs are never quantized (the model's outputs
-stay exactly float). Conv and Gemm biases (computable from constants, one value per output
+Where QDQ goes: on every float activation input of a quantized Conv/Gemm/MatMul, and on the output
+of the quantized ops listed in ``outputs`` (default: Conv), moved past a sole Relu/Clip consumer, so
+that runtimes can fuse ``DQ -> Conv -> Q`` into one integer kernel (QLinearConv). Gemm and MatMul
+outputs stay float by default: ONNX Runtime fuses them without an output Q (QGemm with float output,
+MatMulIntegerToFloat), and in transformers they are the residual stream, whose outlier channels
+(values of 100+ beside ones near 0.1) a per-tensor scale cannot hold (on all-MiniLM-L6-v2 quantizing
+them too drops the embedding cosine from 0.97 to 0.84). A quantized tensor is read through its DQ by
+every consumer except nodes in ``keep_float``. Graph outputs are never quantized (the model's
+outputs stay exactly float). Conv and Gemm biases (computable from constants, one value per output
 channel; this includes the ``Expand(Shape(W))`` zero bias torch's exporter writes for bias-free
 convolutions) become int32 with scale ``s_x * s_w[c]`` and zero point 0, the QDQ convention ONNX
 Runtime needs to fuse QGemm; a bias that would overflow int32 stays float.
@@ -241,7 +245,7 @@ class Plan:
 
 
 def plan_quantization(model: onnx.ModelProto, keep_float: Sequence[str],
-                      outputs: bool = True) -> Plan:
+                      outputs: Sequence[str] = ("Conv",)) -> Plan:
     """Decide which Conv/Gemm/MatMul nodes to quantize and how (no graph change)."""
     index, types, plan = GraphIndex(model), infer_types(model), Plan()
     for node in model.graph.node:
@@ -254,7 +258,7 @@ def plan_quantization(model: onnx.ModelProto, keep_float: Sequence[str],
         if isinstance(site, str):
             plan.declined.append({"node": node.name, "op": node.op_type, "reason": site})
             continue
-        if outputs:
+        if node.op_type in outputs:
             site.output = _output_point(node, index, keep_float)
         plan.sites.append(site)
     return plan
@@ -326,7 +330,8 @@ class InsertQDQ:
         percentile: the percentile of ``|x|`` kept by ``method=percentile``.
         activation: ``uint8`` (asymmetric) or ``int8`` (symmetric); None: from the target.
         keep_float: node names or op types to leave in float.
-        outputs: also quantize the outputs of quantized nodes (after a Relu/Clip), for fusion.
+        outputs: op types whose outputs are quantized too (after a Relu/Clip), for fusion; True
+            for all of Conv/Gemm/MatMul, False for none.
         bins: histogram bins of the percentile/entropy observers (a power of two).
     """
 
@@ -334,7 +339,7 @@ class InsertQDQ:
 
     def __init__(self, method: str = "minmax", percentile: float = 99.99,
                  activation: str | None = None, keep_float: str | Sequence[str] | None = None,
-                 outputs: bool = True, bins: int = 2048):
+                 outputs: bool | str | Sequence[str] = ("Conv",), bins: int = 2048):
         if method not in METHODS:
             raise UserInputError(f"qdq: unknown method {method!r}; choose {', '.join(METHODS)}")
         if not 0 < percentile <= 100:
@@ -344,7 +349,13 @@ class InsertQDQ:
         if bins < 256 or bins & (bins - 1):
             raise UserInputError(f"qdq: bins must be a power of two >= 256, got {bins}")
         self.method, self.percentile, self.activation = method, percentile, activation
-        self.keep_float, self.outputs, self.bins = as_list(keep_float), bool(outputs), bins
+        if isinstance(outputs, bool):
+            outputs = QUANTIZED_OPS if outputs else ()
+        self.outputs = as_list(outputs)
+        if set(self.outputs) - set(QUANTIZED_OPS):
+            raise UserInputError(f"qdq: outputs must list ops among {', '.join(QUANTIZED_OPS)}, "
+                                 f"got {outputs!r}")
+        self.keep_float, self.bins = as_list(keep_float), bins
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:

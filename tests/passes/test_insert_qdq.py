@@ -264,7 +264,7 @@ def _two_layer_mlp() -> onnx.ModelProto:
 @pytest.mark.parametrize("keep", [["fc2"], ["MatMul"], "fc2"])
 def test_keep_float_by_name_or_op_type(keep):
     model = _two_layer_mlp()
-    result = _run(model, keep_float=keep)
+    result = _run(model, keep_float=keep, outputs=True)
     fc2 = next(n for n in result.model.graph.node if n.name == "fc2")
     assert list(fc2.input) == ["r", "w2"]  # untouched: float input, float weight
     if keep == ["MatMul"]:
@@ -273,6 +273,23 @@ def test_keep_float_by_name_or_op_type(keep):
         assert result.info["quantized_nodes"] == ["fc1"] and result.info["kept_float"] == ["fc2"]
         # the relu output is fc1's output point: quantized, but fc2 still reads the float tensor
         assert "r_dequantized" in {o for n in result.model.graph.node for o in n.output}
+
+
+@pytest.mark.parametrize(("outputs", "quantized"), [
+    (("Conv",), {"x", "r"}), (True, {"x", "r", "h2"}), (False, {"x", "r"}),
+    (["MatMul"], {"x", "r", "h2"}), ("Gemm", {"x", "r"})])
+def test_outputs_option_picks_whose_outputs_are_quantized(outputs, quantized):
+    """By default only Conv outputs get a Q/DQ (MatMul/Gemm outputs stay float)."""
+    model = _two_layer_mlp()  # x -> fc1 -> h -> relu -> r -> fc2 -> y; then y -> Neg
+    model.graph.node[2].output[0] = "h2"
+    model.graph.node.append(helper.make_node("Neg", ["h2"], ["y"], name="neg"))
+    result = _run(model, outputs=outputs)
+    assert set(result.info["activations"]) == quantized
+
+
+def test_outputs_option_rejects_other_ops():
+    with pytest.raises(UserInputError, match="outputs must list ops among Conv, Gemm, MatMul"):
+        InsertQDQ(outputs=["Relu"])
 
 
 def test_graph_outputs_stay_float():
