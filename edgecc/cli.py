@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -210,13 +211,19 @@ def targets_cmd() -> None:
     _emit({"targets": [t.to_dict() for t in targets]}, "\n\n".join(blocks))
 
 
+def _first_line(doc: str | None, name: str) -> str:
+    """A docstring's first line without a leading ``name:`` label."""
+    line = (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+    return re.sub(rf"^`*{re.escape(name)}`*\s*:\s*", "", line)
+
+
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the graph passes usable in --passes."""
     from edgecc.passes import registered_passes
 
     passes = registered_passes()
-    summary = {n: (sys.modules[c.__module__].__doc__ or c.__doc__ or "").strip().splitlines()[0]
+    summary = {n: _first_line(sys.modules[c.__module__].__doc__ or c.__doc__, n)
                for n, c in passes.items()}
     width = max(map(len, summary), default=0)
     _emit({"passes": summary}, "\n".join(f"{n.ljust(width)}  {d}" for n, d in summary.items()))

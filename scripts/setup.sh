@@ -32,7 +32,6 @@ if [ $demo = 1 ]; then
     echo
     echo "=== compile the example for $target ==="
     $PY -m edgecc compile examples/tinycnn/model.pt --target "$target" --input-shape x:1x3x32x32 \
-        --passes 'fold-constants,remove-identity,eliminate-dead,fold-bn,shape-inference' \
         -o "build/tinycnn-$target" --dump-dir "build/tinycnn-$target-dumps"
     echo "=== run it ($target) ==="
     $PY -m edgecc run "build/tinycnn-$target" --check

@@ -58,12 +58,10 @@ def test_interrupted_compile_leaves_previous_package(net: torch.nn.Module, tmp_p
     edgecc.compile(net, "x86", example_inputs=(x,), out=out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import edgecc.lower
-
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(edgecc.lower, "lower", interrupted)
+    monkeypatch.setattr("edgecc.lower.lower", interrupted)
     with pytest.raises(KeyboardInterrupt):
         edgecc.compile(net, "x86", example_inputs=(x,), passes="fold-bn", out=out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

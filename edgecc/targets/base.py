@@ -48,7 +48,7 @@ class Target:
         "QDQ lowered by TVM Relax to float arithmetic around float kernels "
         "(no integer kernels yet); weights are stored as float32 in the library"
     )
-    default_passes: str = "shape-inference,fold-constants,remove-identity,eliminate-dead"
+    default_passes: str = "fold-constants,remove-identity,eliminate-dead,fold-bn,shape-inference"
     aliases: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
