@@ -58,6 +58,22 @@ def test_limit_and_model_spec(tmp_path):
     assert "40 samples" in desc
 
 
+@pytest.mark.parametrize("specs", [
+    {"x": (None, 6)}, {"x": ([None, 6], "float32")}, [InputSpec("x", (None, 6))]])
+def test_input_specs_in_any_form(tmp_path, specs):
+    np.savez(tmp_path / "c.npz", x=np.zeros((5, 6)))
+    data, _ = load_calibration(str(tmp_path / "c.npz"), specs, batch_size=4)
+    assert [b["x"].shape for b in data()] == [(4, 6), (1, 6)]
+
+
+def test_frontend_input_specs():
+    """The API passes the frontend's InputSpecs (static shapes: batches of the model's batch)."""
+    from edgecc.frontend import InputSpec as FrontendSpec
+
+    data, _ = load_calibration("random", [FrontendSpec("x", (1, 3, 4, 4), "float32")], limit=5)
+    assert [b["x"].shape for b in data()] == [(1, 3, 4, 4)] * 5
+
+
 @pytest.mark.parametrize("layout", ["rows", "per-sample"])
 def test_fixed_batch_dim_forces_batches_of_that_size(tmp_path, layout):
     spec = [InputSpec("x", (2, 3), "float32")]
