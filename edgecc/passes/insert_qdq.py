@@ -23,17 +23,21 @@ drops the ReLU and fuses QLinearConv), ``int8`` symmetric elsewhere (ARM ``sdot`
 when no target is set.
 
 Where QDQ goes: on every float activation input of a quantized Conv/Gemm/MatMul, and on the output
-of the quantized ops listed in ``outputs`` (default: Conv), moved past a sole Relu/Clip consumer, so
-that runtimes can fuse ``DQ -> Conv -> Q`` into one integer kernel (QLinearConv). Gemm and MatMul
-outputs stay float by default: ONNX Runtime fuses them without an output Q (QGemm with float output,
-MatMulIntegerToFloat), and in transformers they are the residual stream, whose outlier channels
-(values of 100+ beside ones near 0.1) a per-tensor scale cannot hold (on all-MiniLM-L6-v2 quantizing
-them too drops the embedding cosine from 0.97 to 0.84). A quantized tensor is read through its DQ by
-every consumer except nodes in ``keep_float``. Graph outputs are never quantized (the model's
-outputs stay exactly float). Conv and Gemm biases (computable from constants, one value per output
-channel; this includes the ``Expand(Shape(W))`` zero bias torch's exporter writes for bias-free
-convolutions) become int32 with scale ``s_x * s_w[c]`` and zero point 0, the QDQ convention ONNX
-Runtime needs to fuse QGemm; a bias that would overflow int32 stays float.
+of the quantized ops listed in ``outputs`` (default: Conv), so that runtimes can fuse DQ, Conv and Q
+into one integer kernel (QLinearConv). With uint8 the output Q moves past a sole Relu/Clip consumer
+(a ReLU output gets ``zp = 0``, uint8's minimum, so ONNX Runtime drops the ReLU and fuses the conv);
+with symmetric int8 it stays before the ReLU (``zp = 0`` is not int8's minimum: ORT would keep the
+ReLU between conv and Q and run the conv in float), and the ReLU output, when it feeds another
+quantized op, gets its own Q/DQ. Gemm and MatMul outputs stay float by default: ONNX Runtime fuses
+them without an output Q (QGemm with float output, MatMulIntegerToFloat), and in transformers they
+are the residual stream, whose outlier channels (values of 100+ beside ones near 0.1) a per-tensor
+scale cannot hold (on all-MiniLM-L6-v2 quantizing them too drops the embedding cosine from 0.97 to
+0.84). A quantized tensor is read through its DQ by every consumer except nodes in ``keep_float``.
+Graph outputs are never quantized (the model's outputs stay exactly float). Conv and Gemm biases
+(computable from constants, one value per output channel; this includes the ``Expand(Shape(W))``
+zero bias torch's exporter writes for bias-free convolutions) become int32 with scale ``s_x *
+s_w[c]`` and zero point 0, the QDQ convention ONNX Runtime needs to fuse QGemm; a bias that would
+overflow int32 stays float.
 
 Declined (with a reason in ``info["declined"]``): nodes whose weight is not constant or not float32
 (a Conv/Gemm weight fed by a graph input, for instance), MatMul with a constant first operand
@@ -245,7 +249,7 @@ class Plan:
 
 
 def plan_quantization(model: onnx.ModelProto, keep_float: Sequence[str],
-                      outputs: Sequence[str] = ("Conv",)) -> Plan:
+                      outputs: Sequence[str] = ("Conv",), past_relu: bool = True) -> Plan:
     """Decide which Conv/Gemm/MatMul nodes to quantize and how (no graph change)."""
     index, types, plan = GraphIndex(model), infer_types(model), Plan()
     for node in model.graph.node:
@@ -259,7 +263,7 @@ def plan_quantization(model: onnx.ModelProto, keep_float: Sequence[str],
             plan.declined.append({"node": node.name, "op": node.op_type, "reason": site})
             continue
         if node.op_type in outputs:
-            site.output = _output_point(node, index, keep_float)
+            site.output = _output_point(node, index, keep_float, past_relu)
         plan.sites.append(site)
     return plan
 
@@ -295,14 +299,16 @@ def _site(node: onnx.NodeProto, index: GraphIndex,
     return site
 
 
-def _output_point(node: onnx.NodeProto, index: GraphIndex, keep_float: Sequence[str]) -> str | None:
+def _output_point(node: onnx.NodeProto, index: GraphIndex, keep_float: Sequence[str],
+                  past_relu: bool) -> str | None:
     """The tensor to quantize after ``node``: its output, or that of a sole Relu/Clip consumer."""
     y = node.output[0]
     consumers = index.consumers.get(y, [])
     if not consumers or y in index.graph_outputs:
         return None
     nxt = consumers[0]
-    if len(consumers) == 1 and nxt.op_type in FUSED_ACTIVATIONS and not matches(nxt, keep_float):
+    if (past_relu and len(consumers) == 1 and nxt.op_type in FUSED_ACTIVATIONS
+            and not matches(nxt, keep_float)):
         y = nxt.output[0]
     return None if y in index.graph_outputs or not index.consumers.get(y) else y
 
@@ -363,14 +369,14 @@ class InsertQDQ:
         if opset(model) < MIN_OPSET:
             raise UserInputError(f"qdq needs ONNX opset >= {MIN_OPSET} (per-channel "
                                  f"DequantizeLinear); the model imports opset {opset(model)}")
-        plan = plan_quantization(model, self.keep_float, self.outputs)
+        act, why = ((self.activation, "option") if self.activation
+                    else default_activation(ctx.target))
+        plan = plan_quantization(model, self.keep_float, self.outputs, act == "uint8")
         info: dict[str, Any] = {"method": self.method, "declined": plan.declined,
                                 "kept_float": plan.kept_float}
         if not plan.sites:
             info["note"] = "no Conv/Gemm/MatMul to quantize"
             return PassResult(model, False, info)
-        act, why = ((self.activation, "option") if self.activation
-                    else default_activation(ctx.target))
         seen = observe(model, plan.tensors, ctx.calibration(),
                        lambda: make_observer(self.method, self.bins))
         params = {t: self._params(seen.observers[t], act) for t in plan.tensors}

@@ -117,9 +117,9 @@ def test_small_cnn_keeps_cosine_099_on_held_out_inputs(cnn, method, activation, 
     ops, outs = _ort_optimised(result.model, held, tmp_path)
     ref = run_onnx(cnn, held)
     assert min(cosine(outs[k], ref[k]) for k in ref) >= 0.99
-    assert "QGemm" in ops
-    if activation == "uint8":  # ReLU outputs get zp = 0: ORT drops the ReLU, fuses conv and add
-        assert "QLinearConv" in ops and "QLinearAdd" in ops
+    assert "QGemm" in ops and "QLinearConv" in ops
+    if activation == "uint8":  # ReLU outputs get zp = 0: ORT drops the ReLU, fuses the add too
+        assert "QLinearAdd" in ops
     info = result.info
     assert info["calibration"]["samples"] == 32 and info["calibration"]["batches"] == 4
     assert info["method"] == method and info["activation"].startswith(activation)
@@ -264,7 +264,7 @@ def _two_layer_mlp() -> onnx.ModelProto:
 @pytest.mark.parametrize("keep", [["fc2"], ["MatMul"], "fc2"])
 def test_keep_float_by_name_or_op_type(keep):
     model = _two_layer_mlp()
-    result = _run(model, keep_float=keep, outputs=True)
+    result = _run(model, keep_float=keep, outputs=True, activation="uint8")
     fc2 = next(n for n in result.model.graph.node if n.name == "fc2")
     assert list(fc2.input) == ["r", "w2"]  # untouched: float input, float weight
     if keep == ["MatMul"]:
@@ -283,8 +283,29 @@ def test_outputs_option_picks_whose_outputs_are_quantized(outputs, quantized):
     model = _two_layer_mlp()  # x -> fc1 -> h -> relu -> r -> fc2 -> y; then y -> Neg
     model.graph.node[2].output[0] = "h2"
     model.graph.node.append(helper.make_node("Neg", ["h2"], ["y"], name="neg"))
-    result = _run(model, outputs=outputs)
+    result = _run(model, outputs=outputs, activation="uint8")
     assert set(result.info["activations"]) == quantized
+
+
+@pytest.mark.parametrize(("activation", "conv_output", "relu_output"), [
+    ("uint8", None, "r"), ("int8", "c", "r")])
+def test_conv_output_point_relative_to_its_relu(activation, conv_output, relu_output, tmp_path):
+    """uint8: the Q goes after the ReLU (zp = 0 lets ORT drop it); int8: before it, and the
+    ReLU output, read by the next conv, gets its own Q. ORT fuses conv1 either way (conv2 writes
+    the graph output, which stays float, so it runs as DQ + float conv)."""
+    rng = _rng(8)
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["c"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "k2"], ["y"], name="conv2", pads=[1] * 4)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
+                   [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])],
+                   {"k1": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+                    "k2": rng.normal(size=(4, 4, 3, 3)).astype(np.float32)})
+    result = _run(model, activation=activation)
+    expected = {"x", relu_output} | ({conv_output} if conv_output else set())
+    assert set(result.info["activations"]) == expected
+    ops, _ = _ort_optimised(result.model, _held_out(model, n=1), tmp_path)
+    assert ops.count("QLinearConv") == 1
 
 
 def test_outputs_option_rejects_other_ops():
