@@ -214,6 +214,7 @@ class _TorchPlan:
     export: Callable[[tuple, dict, list[str], list[str]], onnx.ModelProto]
     specs: list[InputSpec]
     examples: dict[str, Any] | None
+    hint: str = ""
 
 
 def _from_torch_object(
@@ -264,7 +265,9 @@ def _export_and_reference(
         model = plan.export(args, kwargs, [s.name for s in plan.specs], names)
     except Exception as err:
         logger.debug("export of %s failed", origin, exc_info=True)
-        raise UserInputError(f"exporting {origin} to ONNX failed: {first_line(err)}") from err
+        raise UserInputError(
+            f"exporting {origin} to ONNX failed: {first_line(err)}{plan.hint}"
+        ) from err
     model.doc_string = (
         f"exported by edgecc from {plan.fmt} ({plan.describe}) with torch {torch.__version__}"
     )
@@ -277,7 +280,10 @@ def _export_and_reference(
             f"{len(output_names)} outputs"
         )
     probe = make_probe_inputs(inputs, seed, index_bounds(model))
-    args, kwargs = plan.pack(_as_torch({s.name: probe[s.name] for s in plan.specs}))
+    unused = [s.name for s in plan.specs if s.name not in probe]
+    if unused:  # the exporter dropped inputs the graph never reads; torch still takes them
+        logger.warning("%s: inputs %s do not affect the outputs", origin, ", ".join(unused))
+    args, kwargs = plan.pack(_as_torch({**placeholder_inputs(plan.specs), **probe}))
     try:
         outputs = run_torch(plan.call, args, kwargs)
     except Exception as err:
@@ -341,6 +347,10 @@ def _script_plan(
         export=lambda a, k, i, o: export_torchscript(module, a, i, o, opset),
         specs=specs,
         examples=examples,
+        hint=(
+            " (TorchScript goes through torch's legacy exporter, which cannot export dict "
+            "outputs or some ops; a torch.export.save .pt2 file uses the newer exporter)"
+        ),
     )
 
 
