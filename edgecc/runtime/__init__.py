@@ -13,11 +13,12 @@ edgecc itself never loads TVM here and the same script runs on the board. Where 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,25 +80,43 @@ def run_library(
         ToolchainError: no way to run ``target`` here (no CUDA device, no qemu-aarch64).
         EdgeccError: the run failed (the message ends with the runner's last stderr line).
     """
-    command, env = _launcher(target, progress)
-    device = "cuda" if target.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="edgecc-run-") as work:
-        feeds, results = Path(work) / "inputs.npz", Path(work) / "outputs.npz"
-        np.savez(feeds, **{name: np.ascontiguousarray(a) for name, a in inputs.items()})
-        cmd = [*command, str(RUNNER), str(Path(library).resolve()), str(feeds), str(results),
-               device]
-        log.debug("running %s", " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-            raise EdgeccError(f"running {Path(library).name} for {target.name} failed: "
-                              f"{lines[-1]}")
-        with np.load(results, allow_pickle=False) as data:
-            outputs = [data[f"out{i}"] for i in range(len(data.files))]
+        outputs = _call_runner(library, target, inputs, Path(work), progress=progress)
     if len(outputs) != len(output_names):
         raise EdgeccError(f"{Path(library).name} returned {len(outputs)} outputs, expected "
                           f"{len(output_names)} ({', '.join(output_names)})")
     return dict(zip(output_names, outputs, strict=True))
+
+
+def _call_runner(
+    library: Path,
+    target: Target,
+    inputs: Mapping[str, np.ndarray],
+    work: Path,
+    options: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[np.ndarray]:
+    """Run :data:`RUNNER` on ``library`` in the scratch folder ``work``; return its outputs.
+
+    ``options`` are appended to the runner's arguments (e.g. its timing flags); ``env`` entries
+    are added to the environment it runs in.
+    """
+    command, base_env = _launcher(target, progress)
+    if env:
+        base_env = {**(os.environ if base_env is None else base_env), **env}
+    device = "cuda" if target.device == "cuda" else "cpu"
+    feeds, results = work / "inputs.npz", work / "outputs.npz"
+    np.savez(feeds, **{name: np.ascontiguousarray(a) for name, a in inputs.items()})
+    cmd = [*command, str(RUNNER), str(Path(library).resolve()), str(feeds), str(results), device,
+           *options]
+    log.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=base_env)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise EdgeccError(f"running {Path(library).name} for {target.name} failed: {lines[-1]}")
+    with np.load(results, allow_pickle=False) as data:
+        return [data[f"out{i}"] for i in range(len(data.files))]
 
 
 def _launcher(target: Target, progress: Callable[[str], None] | None
