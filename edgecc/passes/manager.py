@@ -271,7 +271,7 @@ class PassManager:
                 inst.before_pass(index, spec, model)
             start = time.perf_counter()
             try:
-                result = pass_(model, ctx)
+                result = pass_(clone(model), ctx)  # each pass edits its own copy
             except EdgeccError as err:
                 for inst in self.instruments:
                     inst.on_error(index, spec, model, err)

@@ -38,7 +38,7 @@ class AppendNeg:
             mid, new = out + "_n1", out + "_n2"
             for n in g.node:
                 n.output[:] = [mid if o == out else o for o in n.output]
-            g.node.extend([helper.make_node("Neg", [mid], [out + "_x"]),
+            g.node.extend([helper.make_node("Neg", [mid], [out + "_x"], name=f"neg_{len(g.node)}"),
                            helper.make_node("Neg", [out + "_x"], [out])])
             del new
         return PassResult(model, self.times > 0)
