@@ -59,9 +59,13 @@ def _input_specs(input_shapes: Sequence[Any] | None) -> list[Any] | None:
     return [s if isinstance(s, InputSpec) else parse_input_spec(str(s)) for s in input_shapes]
 
 
-def _io_entries(model: onnx.ModelProto, names: Iterable[str], arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    return [{"name": n, "shape": list(np.shape(arrays[n])), "dtype": str(np.asarray(arrays[n]).dtype)}
-            for n in names]
+def _io_entries(
+    model: onnx.ModelProto, names: Iterable[str], arrays: Mapping[str, np.ndarray]
+) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "shape": list(np.shape(arrays[n])), "dtype": str(np.asarray(arrays[n]).dtype)}
+        for n in names
+    ]
 
 
 def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside edgecc is intended)
@@ -107,7 +111,6 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     from edgecc.passes.dump import DumpInstrument, pass_row
     from edgecc.passes.manager import FailureDumpInstrument
     from edgecc.report.compare import compare_outputs, run_onnx
-    from edgecc.report.metrics import graph_stats
     from edgecc.targets import Target, get_target
 
     say = progress or (lambda msg: logger.info("%s", msg))
@@ -118,14 +121,21 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     elif isinstance(passes, str):
         specs = parse_pipeline(passes)
     else:
-        specs = [p if isinstance(p, PassSpec) else PassSpec(p[0], tuple(dict(p[1]).items()))
-                 for p in passes]
+        specs = [
+            p if isinstance(p, PassSpec) else PassSpec(p[0], tuple(dict(p[1]).items()))
+            for p in passes
+        ]
     out = Path(out)
 
     with staged_output(out) as staging:
         say(f"loading {model if isinstance(model, (str, Path)) else type(model).__name__}")
-        loaded = load_model(model, input_specs=_input_specs(input_shapes),
-                            example_inputs=example_inputs, trust_pickle=trust_pickle, seed=seed)
+        loaded = load_model(
+            model,
+            input_specs=_input_specs(input_shapes),
+            example_inputs=example_inputs,
+            trust_pickle=trust_pickle,
+            seed=seed,
+        )
         check_coverage(loaded.model)  # fail before any pass or compile time is spent
 
         ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed)
@@ -133,7 +143,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             from edgecc.passes.calibration import load_calibration
 
             ctx.calibration, ctx.calibration_source = load_calibration(
-                calib, loaded.inputs, limit=calib_samples, seed=seed)
+                calib, loaded.inputs, limit=calib_samples, seed=seed
+            )
         dump = DumpInstrument(dump_dir, loaded.reference_outputs)
         instruments = [dump] + ([FailureDumpInstrument(Path(dump_dir))] if dump_dir else [])
         manager = PassManager(specs, instruments, disabled=disable_passes)
@@ -155,16 +166,26 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "format": "edgecc-package/1",
             "versions": _versions(),
             "target": tgt.to_dict(),
-            "source": {"format": loaded.source_format, "sha256": loaded.source_sha256,
-                       "reference": loaded.reference_source},
-            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in loaded.inputs],
+            "source": {
+                "format": loaded.source_format,
+                "sha256": loaded.source_sha256,
+                "reference": loaded.reference_source,
+            },
+            "inputs": [
+                {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in loaded.inputs
+            ],
             "outputs": _io_entries(final, loaded.output_names, expected),
             "passes": [{"name": s.name, "options": dict(s.options)} for s in specs],
             "pipeline": format_pipeline(specs),
             "disabled_passes": sorted(set(disable_passes)),
             "calibration": ctx.calibration_source,
-            "library": {"file": LIBRARY, "sha256": sha256_file(lib.path), "cuda_code": lib.cuda_code,
-                        "notes": lib.notes, **lib.details},
+            "library": {
+                "file": LIBRARY,
+                "sha256": sha256_file(lib.path),
+                "cuda_code": lib.cuda_code,
+                "notes": lib.notes,
+                **lib.details,
+            },
             "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
             "int8_execution": tgt.int8_execution,
         }
@@ -175,10 +196,15 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "passes": rows,
             "skipped_passes": [r.spec.text() for r in manager.records if r.skipped],
             "graph_vs_reference": graph_vs_reference,
-            "sizes": {"library_bytes": lib.path.stat().st_size, "onnx_bytes": final_row["bytes"],
-                      "source_onnx_bytes": rows[0]["bytes"] if rows else None},
-            "stats": {"input": {k: rows[0][k] for k in ("nodes", "params", "macs", "bytes")},
-                      "final": {k: final_row[k] for k in ("nodes", "params", "macs", "bytes")}},
+            "sizes": {
+                "library_bytes": lib.path.stat().st_size,
+                "onnx_bytes": final_row["bytes"],
+                "source_onnx_bytes": rows[0]["bytes"] if rows else None,
+            },
+            "stats": {
+                "input": {k: rows[0][k] for k in ("nodes", "params", "macs", "bytes")},
+                "final": {k: final_row[k] for k in ("nodes", "params", "macs", "bytes")},
+            },
             "compile_seconds": lib.compile_seconds,
             "total_seconds": time.perf_counter() - started,
         }

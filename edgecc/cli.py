@@ -65,43 +65,110 @@ def cli(debug: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
 
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-t", "--target", default="x86", show_default=True, help="Target name (see `edgecc targets`).")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Package folder [default: build/<model>-<target>].")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224[:DTYPE]",
-              help="Input name, shape and dtype where the model does not record them (repeatable).")
-@click.option("--passes", default=None, help="Pipeline text, e.g. 'fold-bn,prune(ratio=0.3),qdq'; default: the target's.")
-@click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
-@click.option("--dump-dir", type=click.Path(path_type=Path), help="Write the graph after every pass and a summary table here.")
+@click.option(
+    "-t", "--target", default="x86", show_default=True, help="Target name (see `edgecc targets`)."
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    help="Package folder [default: build/<model>-<target>].",
+)
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:1x3x224x224[:DTYPE]",
+    help="Input name, shape and dtype where the model does not record them (repeatable).",
+)
+@click.option(
+    "--passes",
+    default=None,
+    help="Pipeline text, e.g. 'fold-bn,prune(ratio=0.3),qdq'; default: the target's.",
+)
+@click.option(
+    "--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable)."
+)
+@click.option(
+    "--dump-dir",
+    type=click.Path(path_type=Path),
+    help="Write the graph after every pass and a summary table here.",
+)
 @click.option("--time-passes", is_flag=True, help="Print the time each pass took.")
-@click.option("--calib", default=None, metavar="DATA.npz|DIR|random", help="Calibration data for qdq.")
-@click.option("--calib-samples", type=int, default=None, help="Use at most this many calibration samples.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe input and random calibration.")
-def compile_cmd(model: Path, target: str, out: Path | None, input_shapes: tuple[str, ...],
-                passes: str | None, disabled: tuple[str, ...], dump_dir: Path | None,
-                time_passes: bool, calib: str | None, calib_samples: int | None,
-                trust_pickle: bool, seed: int) -> None:
+@click.option(
+    "--calib", default=None, metavar="DATA.npz|DIR|random", help="Calibration data for qdq."
+)
+@click.option(
+    "--calib-samples", type=int, default=None, help="Use at most this many calibration samples."
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow loading a pickled nn.Module (runs code from the file).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the probe input and random calibration.",
+)
+def compile_cmd(
+    model: Path,
+    target: str,
+    out: Path | None,
+    input_shapes: tuple[str, ...],
+    passes: str | None,
+    disabled: tuple[str, ...],
+    dump_dir: Path | None,
+    time_passes: bool,
+    calib: str | None,
+    calib_samples: int | None,
+    trust_pickle: bool,
+    seed: int,
+) -> None:
     """Compile MODEL (.pt, .pt2, .onnx) into a package for a target."""
     from edgecc.api import compile as compile_model
     from edgecc.passes.dump import format_table
 
     out = out or Path("build") / f"{model.stem}-{target}"
-    pkg = compile_model(model, target, out=out, input_shapes=input_shapes, passes=passes,
-                        disable_passes=disabled, calib=calib, calib_samples=calib_samples,
-                        dump_dir=dump_dir, trust_pickle=trust_pickle, seed=seed, progress=_progress)
+    pkg = compile_model(
+        model,
+        target,
+        out=out,
+        input_shapes=input_shapes,
+        passes=passes,
+        disable_passes=disabled,
+        calib=calib,
+        calib_samples=calib_samples,
+        dump_dir=dump_dir,
+        trust_pickle=trust_pickle,
+        seed=seed,
+        progress=_progress,
+    )
     rep, man = pkg.report, pkg.manifest
     rows = rep["passes"]
-    table = format_table([{k: v for k, v in r.items() if k != "info" and (time_passes or k != "seconds")}
-                          for r in rows])
+    table = format_table(
+        [
+            {k: v for k, v in r.items() if k != "info" and (time_passes or k != "seconds")}
+            for r in rows
+        ]
+    )
     g = rep["graph_vs_reference"]
     text = (
         f"compiled {model} for {man['target']['name']} -> {pkg.path}\n"
         f"{table}"
-        f"graph vs source reference: max_abs_diff {g['max_abs_diff']:.3g}, cosine {g['cosine']:.6f}\n"
+        f"graph vs source reference: max_abs_diff {g['max_abs_diff']:.3g}, "
+        f"cosine {g['cosine']:.6f}\n"
         f"library {rep['sizes']['library_bytes']} bytes ({man['library']['sha256'][:12]}), "
         f"compiled in {rep['compile_seconds']:.1f}s, total {rep['total_seconds']:.1f}s"
         + (f"\ndumps in {dump_dir}" if dump_dir else "")
-        + (f"\nCUDA device code: {man['library']['cuda_code']}" if man["library"].get("cuda_code") else "")
+        + (
+            f"\nCUDA device code: {man['library']['cuda_code']}"
+            if man["library"].get("cuda_code")
+            else ""
+        )
     )
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
 
@@ -112,7 +179,9 @@ def _read_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     try:
         if path.suffix == ".npy":
             if len(names) != 1:
-                raise UserInputError(f"the package takes {len(names)} inputs {names}: pass a .npz with those names")
+                raise UserInputError(
+                    f"the package takes {len(names)} inputs {names}: pass a .npz with those names"
+                )
             return {names[0]: np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
@@ -122,10 +191,25 @@ def _read_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 @cli.command("run")
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("-i", "--input", "input_path", type=click.Path(path_type=Path),
-              help="x.npy (single input) or inputs.npz (by name); default: the recorded probe input.")
-@click.option("-o", "--output", "output_path", type=click.Path(path_type=Path), help="Write outputs to this .npz.")
-@click.option("--check", is_flag=True, help="Compare with ONNX Runtime on the package graph; exit 4 on mismatch.")
+@click.option(
+    "-i",
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    help="x.npy (single input) or inputs.npz (by name); default: the recorded probe input.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    type=click.Path(path_type=Path),
+    help="Write outputs to this .npz.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Compare with ONNX Runtime on the package graph; exit 4 on mismatch.",
+)
 def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, check: bool) -> None:
     """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation)."""
     from edgecc.package import Package
@@ -142,22 +226,32 @@ def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, ch
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise UserInputError(f"cannot write {output_path}: {err.strerror or err}") from err
-    data: dict[str, Any] = {"outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()}}
-    lines = [f"{k}: {v.dtype}{list(v.shape)} mean {float(np.mean(v)):.6g}" for k, v in outputs.items()]
+    data: dict[str, Any] = {
+        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()}
+    }
+    lines = [
+        f"{k}: {v.dtype}{list(v.shape)} mean {float(np.mean(v)):.6g}" for k, v in outputs.items()
+    ]
     if output_path:
         lines.append(f"outputs written to {output_path}")
     if check:
         res = pkg.check(outputs, feeds)
         data["check"] = res
         e = res["vs_expected"]
-        lines.append(f"check {'PASSED' if res['passed'] else 'FAILED'} against ONNX Runtime on the package graph: "
-                     f"max_abs_diff {e['max_abs_diff']:.3g}, max_rel_diff {e['max_rel_diff']:.3g} "
-                     f"(limit {res['tolerance']['max_rel_diff']}), cosine {e['cosine']:.6f} "
-                     f"(limit {res['tolerance']['cosine']})")
+        lines.append(
+            f"check {'PASSED' if res['passed'] else 'FAILED'} "
+            "against ONNX Runtime on the package graph: "
+            f"max_abs_diff {e['max_abs_diff']:.3g}, max_rel_diff {e['max_rel_diff']:.3g} "
+            f"(limit {res['tolerance']['max_rel_diff']}), cosine {e['cosine']:.6f} "
+            f"(limit {res['tolerance']['cosine']})"
+        )
         if "vs_reference" in res:
             r = res["vs_reference"]
-            lines.append(f"against the source model's float reference: max_abs_diff {r['max_abs_diff']:.3g}, "
-                         f"cosine {r['cosine']:.6f}")
+            lines.append(
+                "against the source model's float reference: "
+                f"max_abs_diff {r['max_abs_diff']:.3g}, "
+                f"cosine {r['cosine']:.6f}"
+            )
     _emit(data, "\n".join(lines))
     if check and not data["check"]["passed"]:
         sys.exit(EXIT_CHECK_FAILED)
@@ -172,22 +266,32 @@ def inspect_cmd(package: Path) -> None:
 
     pkg = Package(package)
     m, r = pkg.manifest, pkg.report
-    io = lambda items: ", ".join(f"{i['name']}:{'x'.join(map(str, i['shape']))}:{i['dtype']}" for i in items)  # noqa: E731
+
+    def io(items: list[dict[str, Any]]) -> str:
+        return ", ".join(
+            f"{i['name']}:{'x'.join(map(str, i['shape']))}:{i['dtype']}" for i in items
+        )
+
     lib = m["library"]
-    text = "\n".join([
-        f"package   {pkg.path}",
-        f"target    {m['target']['name']}: {m['target']['description']}",
-        f"runs on   {m['target']['runtime_needs']}",
-        f"inputs    {io(m['inputs'])}",
-        f"outputs   {io(m['outputs'])}",
-        f"source    {m['source']['format']} sha256 {m['source']['sha256']}",
-        f"pipeline  {m['pipeline'] or '(none)'}",
-        f"library   {lib['file']} sha256 {lib['sha256']}" + (f", CUDA code: {lib['cuda_code']}" if lib.get("cuda_code") else ""),
-        f"int8      {m['int8_execution']}",
-        f"versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        "",
-        format_table([{k: v for k, v in row.items() if k != "info"} for row in r.get("passes", [])]),
-    ])
+    text = "\n".join(
+        [
+            f"package   {pkg.path}",
+            f"target    {m['target']['name']}: {m['target']['description']}",
+            f"runs on   {m['target']['runtime_needs']}",
+            f"inputs    {io(m['inputs'])}",
+            f"outputs   {io(m['outputs'])}",
+            f"source    {m['source']['format']} sha256 {m['source']['sha256']}",
+            f"pipeline  {m['pipeline'] or '(none)'}",
+            f"library   {lib['file']} sha256 {lib['sha256']}"
+            + (f", CUDA code: {lib['cuda_code']}" if lib.get("cuda_code") else ""),
+            f"int8      {m['int8_execution']}",
+            "versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+            "",
+            format_table(
+                [{k: v for k, v in row.items() if k != "info"} for row in r.get("passes", [])]
+            ),
+        ]
+    )
     _emit({"manifest": m, "report": r}, text)
 
 
@@ -199,15 +303,20 @@ def targets_cmd() -> None:
     targets = all_targets()
     blocks = []
     for t in targets:
-        blocks.append("\n".join([
-            f"{t.name}" + (f" (aliases: {', '.join(t.aliases)})" if t.aliases else ""),
-            f"  {t.description}",
-            f"  tvm target:     {json.dumps(t.tvm_target)}",
-            *([f"  tvm host:       {json.dumps(t.tvm_host)}"] if t.tvm_host else []),
-            f"  compiler:       {t.cross_compiler or 'host gcc'}" + (f" + nvcc ({t.cuda_arch})" if t.cuda_arch else ""),
-            f"  device needs:   {t.runtime_needs}",
-            f"  default passes: {t.default_passes}",
-        ]))
+        blocks.append(
+            "\n".join(
+                [
+                    f"{t.name}" + (f" (aliases: {', '.join(t.aliases)})" if t.aliases else ""),
+                    f"  {t.description}",
+                    f"  tvm target:     {json.dumps(t.tvm_target)}",
+                    *([f"  tvm host:       {json.dumps(t.tvm_host)}"] if t.tvm_host else []),
+                    f"  compiler:       {t.cross_compiler or 'host gcc'}"
+                    + (f" + nvcc ({t.cuda_arch})" if t.cuda_arch else ""),
+                    f"  device needs:   {t.runtime_needs}",
+                    f"  default passes: {t.default_passes}",
+                ]
+            )
+        )
     _emit({"targets": [t.to_dict() for t in targets]}, "\n\n".join(blocks))
 
 
@@ -223,8 +332,9 @@ def passes_cmd() -> None:
     from edgecc.passes import registered_passes
 
     passes = registered_passes()
-    summary = {n: _first_line(sys.modules[c.__module__].__doc__ or c.__doc__, n)
-               for n, c in passes.items()}
+    summary = {
+        n: _first_line(sys.modules[c.__module__].__doc__ or c.__doc__, n) for n, c in passes.items()
+    }
     width = max(map(len, summary), default=0)
     _emit({"passes": summary}, "\n".join(f"{n.ljust(width)}  {d}" for n, d in summary.items()))
 
@@ -255,8 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug: one line, and the traceback with --debug
         if STATE.debug:
             traceback.print_exc()
-        click.echo(f"edgecc: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
-                   "traceback)", err=True)
+        click.echo(
+            f"edgecc: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
+            "traceback)",
+            err=True,
+        )
         return EXIT_INTERNAL
 
 

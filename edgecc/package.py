@@ -109,8 +109,12 @@ def staged_output(out: Path) -> Iterator[Path]:
         raise
 
 
-def save_reference(path: Path, probe: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                   expected: Mapping[str, np.ndarray]) -> None:
+def save_reference(
+    path: Path,
+    probe: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+) -> None:
     """Store probe inputs, the source model's reference and the graph's expected outputs."""
     arrays = {f"input:{k}": v for k, v in probe.items()}
     arrays |= {f"reference:{k}": v for k, v in reference.items()}
@@ -154,7 +158,7 @@ class Package:
     def _reference(self, kind: str) -> dict[str, np.ndarray]:
         with np.load(self.path / REFERENCE) as data:
             prefix = f"{kind}:"
-            return {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
+            return {k[len(prefix) :]: data[k] for k in data.files if k.startswith(prefix)}
 
     def probe_inputs(self) -> dict[str, np.ndarray]:
         """The seeded inputs the reference was recorded on."""
@@ -164,7 +168,9 @@ class Package:
         """The source model's float outputs on the probe inputs."""
         return self._reference("reference")
 
-    def expected_outputs(self, inputs: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def expected_outputs(
+        self, inputs: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """ONNX Runtime's outputs of the package's graph: recorded for the probe, else computed."""
         if inputs is None or _same_inputs(inputs, self.probe_inputs()):
             return self._reference("expected")
@@ -180,23 +186,31 @@ class Package:
         for spec in self.manifest["inputs"]:
             name = spec["name"]
             if name not in inputs:
-                raise UserInputError(f"missing input {name!r}; the package takes {self.input_names}")
+                raise UserInputError(
+                    f"missing input {name!r}; the package takes {self.input_names}"
+                )
             arr = np.asarray(inputs[name])
             if list(arr.shape) != list(spec["shape"]):
                 raise UserInputError(
-                    f"input {name!r} has shape {list(arr.shape)}, the package takes {spec['shape']}")
+                    f"input {name!r} has shape {list(arr.shape)}, the package takes {spec['shape']}"
+                )
             if arr.dtype != np.dtype(spec["dtype"]):
                 if arr.dtype.kind != np.dtype(spec["dtype"]).kind:
                     raise UserInputError(
-                        f"input {name!r} has dtype {arr.dtype}, the package takes {spec['dtype']}")
+                        f"input {name!r} has dtype {arr.dtype}, the package takes {spec['dtype']}"
+                    )
                 arr = arr.astype(spec["dtype"])
             out[name] = arr
         extra = set(inputs) - set(out)
         if extra:
-            raise UserInputError(f"unknown inputs {sorted(extra)}; the package takes {self.input_names}")
+            raise UserInputError(
+                f"unknown inputs {sorted(extra)}; the package takes {self.input_names}"
+            )
         return out
 
-    def run(self, inputs: Mapping[str, np.ndarray] | None = None, progress: Any = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray] | None = None, progress: Any = None
+    ) -> dict[str, np.ndarray]:
         """Run the library on ``inputs`` (default: the probe inputs); returns outputs by name.
 
         x86 packages run natively; aarch64 CPU packages run under qemu-user emulation.
@@ -206,8 +220,9 @@ class Package:
         feeds = self.prepare_inputs(self.probe_inputs() if inputs is None else inputs)
         return run_library(self.library, self.target(), feeds, self.output_names, progress=progress)
 
-    def check(self, outputs: Mapping[str, np.ndarray],
-              inputs: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    def check(
+        self, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, Any]:
         """Compare ``outputs`` with ONNX Runtime on the package graph (and the float reference).
 
         ``passed`` is true when within ``CHECK_MAX_REL_DIFF`` and ``CHECK_MIN_COSINE`` of ONNX
@@ -216,12 +231,16 @@ class Package:
         """
         from edgecc.report.compare import compare_outputs
 
-        result: dict[str, Any] = {"vs_expected": compare_outputs(outputs, self.expected_outputs(inputs))}
+        result: dict[str, Any] = {
+            "vs_expected": compare_outputs(outputs, self.expected_outputs(inputs))
+        }
         if inputs is None or _same_inputs(inputs, self.probe_inputs()):
             result["vs_reference"] = compare_outputs(outputs, self.reference_outputs())
         exp = result["vs_expected"]
         result["tolerance"] = {"max_rel_diff": CHECK_MAX_REL_DIFF, "cosine": CHECK_MIN_COSINE}
-        result["passed"] = exp["max_rel_diff"] <= CHECK_MAX_REL_DIFF and exp["cosine"] >= CHECK_MIN_COSINE
+        result["passed"] = (
+            exp["max_rel_diff"] <= CHECK_MAX_REL_DIFF and exp["cosine"] >= CHECK_MIN_COSINE
+        )
         return result
 
 

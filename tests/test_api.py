@@ -40,7 +40,9 @@ def test_compile_module_load_and_run(net: torch.nn.Module, tmp_path: Path) -> No
     assert pkg.report["stats"]["final"]["nodes"] < pkg.report["stats"]["input"]["nodes"]
     (name,) = pkg.input_names
     out = edgecc.load(tmp_path / "pkg").run({name: x.numpy()})
-    np.testing.assert_allclose(next(iter(out.values())), net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        next(iter(out.values())), net(x).detach().numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_same_input_gives_same_library_hash(net: torch.nn.Module, tmp_path: Path) -> None:
@@ -51,8 +53,9 @@ def test_same_input_gives_same_library_hash(net: torch.nn.Module, tmp_path: Path
     assert (a.path / "manifest.json").read_bytes() == (b.path / "manifest.json").read_bytes()
 
 
-def test_interrupted_compile_leaves_previous_package(net: torch.nn.Module, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_compile_leaves_previous_package(
+    net: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     x = torch.randn(1, 3, 16, 16)
     out = tmp_path / "pkg"
     edgecc.compile(net, "x86", example_inputs=(x,), out=out)

@@ -49,8 +49,22 @@ def _assert_user_error(code: int, err: str, expected_code: int, pattern: str) ->
 @pytest.fixture(scope="module")
 def x86_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pkg") / "tinycnn"
-    assert main(["-q", "compile", str(EXAMPLE), "--target", "x86", "--input-shape", SHAPE,
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "compile",
+                str(EXAMPLE),
+                "--target",
+                "x86",
+                "--input-shape",
+                SHAPE,
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -61,15 +75,28 @@ def test_compile_summary_and_files(x86_package: Path) -> None:
     assert manifest["target"]["name"] == "x86"
     assert manifest["inputs"] == [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
     assert manifest["source"]["format"] == "torchscript"
-    assert len(manifest["library"]["sha256"]) == 64 and manifest["versions"]["apache-tvm"] == "0.27.0.post1"
+    assert (
+        len(manifest["library"]["sha256"]) == 64
+        and manifest["versions"]["apache-tvm"] == "0.27.0.post1"
+    )
 
 
-def test_run_check_passes_and_writes_outputs(x86_package: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_check_passes_and_writes_outputs(
+    x86_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    code, out, err = _cli(capsys, "--json", "run", x86_package, "--input", tmp_path / "x.npy",
-                          "--output", tmp_path / "y.npz", "--check")
+    code, out, err = _cli(
+        capsys,
+        "--json",
+        "run",
+        x86_package,
+        "--input",
+        tmp_path / "x.npy",
+        "--output",
+        tmp_path / "y.npz",
+        "--check",
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["check"]["passed"] is True
@@ -80,24 +107,40 @@ def test_run_check_passes_and_writes_outputs(x86_package: Path, tmp_path: Path,
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # TVM vs torch
 
 
-def test_run_check_failure_exit_code(x86_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_check_failure_exit_code(
+    x86_package: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from edgecc.package import Package
 
     real = Package.run
-    monkeypatch.setattr(Package, "run", lambda self, *a, **k: {n: v + 1.0 for n, v in real(self, *a, **k).items()})
+    monkeypatch.setattr(
+        Package, "run", lambda self, *a, **k: {n: v + 1.0 for n, v in real(self, *a, **k).items()}
+    )
     code, out, _ = _cli(capsys, "run", x86_package, "--check")
     assert code == EXIT_CHECK_FAILED
     assert "check FAILED" in out
 
 
-def test_inspect_and_targets_and_passes(x86_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_and_targets_and_passes(
+    x86_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = _cli(capsys, "inspect", x86_package)
     assert code == 0 and "target    x86" in out and "pipeline" in out
     code, out, _ = _cli(capsys, "--json", "targets")
     names = {t["name"] for t in json.loads(out)["targets"]}
-    assert {"x86", "x86-avx2", "x86-avx512", "rpi4", "arm64", "jetson-orin", "jetson-orin-nano",
-            "jetson-xavier"} <= names
+    assert {
+        "x86",
+        "x86-avx2",
+        "x86-avx512",
+        "rpi4",
+        "arm64",
+        "jetson-orin",
+        "jetson-orin-nano",
+        "jetson-xavier",
+    } <= names
     code, out, _ = _cli(capsys, "passes")
     assert code == 0 and "fold-constants" in out
 
@@ -122,36 +165,67 @@ def files(tmp_path: Path) -> dict[str, Path]:
     buf = torch.jit.trace(model, torch.randn(1, 3, 8, 8))
     torch.jit.save(buf, str(tmp_path / "ok.pt"))
     g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("FancyOp", ["r"], ["y"], domain="com.example")], "g",
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("FancyOp", ["r"], ["y"], domain="com.example"),
+        ],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]
+    )
     m.ir_version = 10
     onnx.save(m, str(paths["custom_op"]))
-    ok_onnx = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]), opset_imports=[helper.make_opsetid("", 18)])
+    ok_onnx = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     paths["truncated_onnx"].write_bytes(ok_onnx.SerializeToString()[:-7])
     paths["ok"] = tmp_path / "ok.pt"
     return paths
 
 
-@pytest.mark.parametrize("case,extra,code,pattern", [
-    ("missing", [], EXIT_USER, "does not exist"),
-    ("corrupt", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "corrupt.pt"),
-    ("truncated_onnx", [], EXIT_USER, "truncated.onnx"),
-    ("pickle", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "--trust-pickle"),
-    ("state_dict", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "state_dict"),
-    ("ok", [], EXIT_USER, "--input-shape"),
-    ("ok", ["--target", "pdp11", "--input-shape", "x:1x3x8x8"], EXIT_USER, "valid targets: x86-avx2"),
-    ("ok", ["--input-shape", "x:1xthree"], EXIT_USER, "x:1xthree"),
-    ("ok", ["--input-shape", "x:1x3x8x8", "--passes", "no-such-pass"], EXIT_USER, "unknown pass"),
-    ("custom_op", [], EXIT_UNSUPPORTED, "FancyOp"),
-])
-def test_bad_input(case: str, extra: list[str], code: int, pattern: str, files: dict[str, Path],
-                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "case,extra,code,pattern",
+    [
+        ("missing", [], EXIT_USER, "does not exist"),
+        ("corrupt", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "corrupt.pt"),
+        ("truncated_onnx", [], EXIT_USER, "truncated.onnx"),
+        ("pickle", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "--trust-pickle"),
+        ("state_dict", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "state_dict"),
+        ("ok", [], EXIT_USER, "--input-shape"),
+        (
+            "ok",
+            ["--target", "pdp11", "--input-shape", "x:1x3x8x8"],
+            EXIT_USER,
+            "valid targets: x86-avx2",
+        ),
+        ("ok", ["--input-shape", "x:1xthree"], EXIT_USER, "x:1xthree"),
+        (
+            "ok",
+            ["--input-shape", "x:1x3x8x8", "--passes", "no-such-pass"],
+            EXIT_USER,
+            "unknown pass",
+        ),
+        ("custom_op", [], EXIT_UNSUPPORTED, "FancyOp"),
+    ],
+)
+def test_bad_input(
+    case: str,
+    extra: list[str],
+    code: int,
+    pattern: str,
+    files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     src = files.get(case, tmp_path / "missing.pt")
     out = tmp_path / "out" / "pkg"
     got, _, err = _cli(capsys, "compile", src, "-o", out, *extra)
@@ -160,18 +234,34 @@ def test_bad_input(case: str, extra: list[str], code: int, pattern: str, files: 
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
-def test_trusted_pickle_compiles(files: dict[str, Path], tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _cli(capsys, "-q", "compile", files["pickle"], "--trust-pickle", "--input-shape",
-                        "x:1x3x8x8", "-o", tmp_path / "pkg")
+def test_trusted_pickle_compiles(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _cli(
+        capsys,
+        "-q",
+        "compile",
+        files["pickle"],
+        "--trust-pickle",
+        "--input-shape",
+        "x:1x3x8x8",
+        "-o",
+        tmp_path / "pkg",
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "pkg" / "manifest.json").read_text())["source"]["format"] == "pickle"
+    assert (
+        json.loads((tmp_path / "pkg" / "manifest.json").read_text())["source"]["format"] == "pickle"
+    )
 
 
-def test_unwritable_output(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    code, _, err = _cli(capsys, "compile", files["ok"], "--input-shape", "x:1x3x8x8", "-o", blocker / "pkg")
+    code, _, err = _cli(
+        capsys, "compile", files["ok"], "--input-shape", "x:1x3x8x8", "-o", blocker / "pkg"
+    )
     _assert_user_error(code, err, EXIT_USER, "cannot write")
     assert blocker.read_text() == "not a folder"
 
@@ -181,11 +271,14 @@ def test_debug_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == EXIT_USER and "Traceback" in err
 
 
-def test_existing_non_package_output_is_not_replaced(files: dict[str, Path], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_non_package_output_is_not_replaced(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("keep me")
-    code, _, err = _cli(capsys, "compile", files["ok"], "--input-shape", "x:1x3x8x8", "-o", precious)
+    code, _, err = _cli(
+        capsys, "compile", files["ok"], "--input-shape", "x:1x3x8x8", "-o", precious
+    )
     _assert_user_error(code, err, EXIT_USER, "not an edgecc package")
     assert (precious / "thesis.tex").read_text() == "keep me"

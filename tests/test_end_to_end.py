@@ -52,7 +52,9 @@ def test_minilm_x86_matches_torch(tmp_path: Path) -> None:
     expected = model(**inputs).last_hidden_state.detach().numpy()
     got = outputs[pkg.output_names[0]]
     assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(
+        got, expected, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(expected)))
+    )
 
 
 @pytest.mark.emulation
@@ -67,7 +69,9 @@ def test_rpi4_runs_under_emulation_and_matches_torch(tmp_path: Path) -> None:
 
 def test_jetson_package_has_aarch64_host_and_sm87_code(tmp_path: Path) -> None:
     model = make_model("mobilenetv2ish")
-    pkg = edgecc.compile(model, "jetson-orin", example_inputs=model.example_inputs(), out=tmp_path / "j")
+    pkg = edgecc.compile(
+        model, "jetson-orin", example_inputs=model.example_inputs(), out=tmp_path / "j"
+    )
     blob = pkg.library.read_bytes()
     assert blob[18:20] == (183).to_bytes(2, "little")
     cuda = pkg.manifest["library"]["cuda_code"]
@@ -87,10 +91,18 @@ COMPRESSED = "fold-bn,prune(ratio=0.3),qdq(method=entropy)"
 
 
 @pytest.mark.parametrize("target", ["x86", "rpi4", "jetson-orin"])
-def test_compressed_cnn_compiles_for_every_family(target: str, calib_file: Path, tmp_path: Path) -> None:
+def test_compressed_cnn_compiles_for_every_family(
+    target: str, calib_file: Path, tmp_path: Path
+) -> None:
     model = make_model("resnetish")
-    pkg = edgecc.compile(model, target, example_inputs=model.example_inputs(), passes=COMPRESSED,
-                         calib=str(calib_file), out=tmp_path / target)
+    pkg = edgecc.compile(
+        model,
+        target,
+        example_inputs=model.example_inputs(),
+        passes=COMPRESSED,
+        calib=str(calib_file),
+        out=tmp_path / target,
+    )
     report = pkg.report
     assert report["stats"]["final"]["macs"] <= 0.75 * report["stats"]["input"]["macs"]
     assert "float" in pkg.manifest["int8_execution"]  # the report says how int8 executes
@@ -102,7 +114,12 @@ def test_compressed_cnn_compiles_for_every_family(target: str, calib_file: Path,
 
 def test_transformer_lowrank_dynamic_quant_matches_ort(tmp_path: Path) -> None:
     model = make_model("tiny_transformer")
-    pkg = edgecc.compile(model, "x86", example_inputs=model.example_inputs(),
-                         passes="lowrank(energy=0.9),dynamic-quant", out=tmp_path / "t")
+    pkg = edgecc.compile(
+        model,
+        "x86",
+        example_inputs=model.example_inputs(),
+        passes="lowrank(energy=0.9),dynamic-quant",
+        out=tmp_path / "t",
+    )
     res = compare_outputs(pkg.run(), pkg.expected_outputs())
     assert res["max_rel_diff"] <= 1e-3 and res["cosine"] >= 0.9999, res

@@ -15,8 +15,14 @@ from edgecc.passes.manager import (
 )
 
 __all__ = [
-    "PassContext", "PassManager", "PassResult", "PassSpec", "format_pipeline", "parse_pipeline",
-    "register", "registered_passes",
+    "PassContext",
+    "PassManager",
+    "PassResult",
+    "PassSpec",
+    "format_pipeline",
+    "parse_pipeline",
+    "register",
+    "registered_passes",
 ]
 
 # Built-in passes register themselves on import. Each module below is one pass.

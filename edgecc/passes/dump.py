@@ -25,17 +25,32 @@ from edgecc.report.metrics import graph_stats
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ("step", "pass", "modified", "nodes", "params", "macs", "bytes",
-                   "max_abs_diff", "cosine", "seconds")
+SUMMARY_COLUMNS = (
+    "step",
+    "pass",
+    "modified",
+    "nodes",
+    "params",
+    "macs",
+    "bytes",
+    "max_abs_diff",
+    "cosine",
+    "seconds",
+)
 
 
 def pass_row(
-    step: str, model: onnx.ModelProto, reference: Mapping[str, np.ndarray] | None,
+    step: str,
+    model: onnx.ModelProto,
+    reference: Mapping[str, np.ndarray] | None,
     probe: Mapping[str, np.ndarray] | None,
 ) -> dict[str, Any]:
     """Statistics of ``model`` and its agreement with ``reference`` on ``probe``."""
     stats = graph_stats(model)
-    row: dict[str, Any] = {"step": step, **{k: stats[k] for k in ("nodes", "params", "macs", "bytes")}}
+    row: dict[str, Any] = {
+        "step": step,
+        **{k: stats[k] for k in ("nodes", "params", "macs", "bytes")},
+    }
     row["max_abs_diff"] = row["cosine"] = None
     if reference is not None and probe is not None:
         try:
@@ -56,27 +71,45 @@ def listing(model: onnx.ModelProto) -> str:
     shapes: dict[str, str] = {}
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         t = vi.type.tensor_type
-        dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-                for d in t.shape.dim]
-        shapes[vi.name] = f"{helper.tensor_dtype_to_np_dtype(t.elem_type).name}[{'x'.join(dims)}]" \
-            if t.elem_type else "?"
-    inits = {t.name: f"const {helper.tensor_dtype_to_np_dtype(t.data_type).name}"
-             f"[{'x'.join(map(str, t.dims))}]" for t in g.initializer}
+        dims = [
+            str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in t.shape.dim
+        ]
+        shapes[vi.name] = (
+            f"{helper.tensor_dtype_to_np_dtype(t.elem_type).name}[{'x'.join(dims)}]"
+            if t.elem_type
+            else "?"
+        )
+    inits = {
+        t.name: f"const {helper.tensor_dtype_to_np_dtype(t.data_type).name}"
+        f"[{'x'.join(map(str, t.dims))}]"
+        for t in g.initializer
+    }
     shapes.update(inits)
 
     def fmt(names: Any) -> str:
         return ", ".join(f"{n}:{shapes.get(n, '?')}" if n else "<none>" for n in names)
 
-    lines = [f"graph {g.name or '<unnamed>'}: {len(g.node)} nodes, {len(g.initializer)} initializers"]
+    lines = [
+        f"graph {g.name or '<unnamed>'}: {len(g.node)} nodes, {len(g.initializer)} initializers"
+    ]
     lines += [f"input  {fmt([i.name])}" for i in g.input if i.name not in inits]
     for node in g.node:
         attrs = ", ".join(
-            f"{a.name}={helper.get_attribute_value(a)}" for a in node.attribute
-            if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS,
-                          onnx.AttributeProto.FLOAT, onnx.AttributeProto.STRING)
+            f"{a.name}={helper.get_attribute_value(a)}"
+            for a in node.attribute
+            if a.type
+            in (
+                onnx.AttributeProto.INT,
+                onnx.AttributeProto.INTS,
+                onnx.AttributeProto.FLOAT,
+                onnx.AttributeProto.STRING,
+            )
         )
-        lines.append(f"{node.name} = {node.op_type}({fmt(node.input)}) -> {fmt(node.output)}"
-                     f"{' {' + attrs + '}' if attrs else ''}  # from {node_tag(node)}")
+        lines.append(
+            f"{node.name} = {node.op_type}({fmt(node.input)}) -> {fmt(node.output)}"
+            f"{' {' + attrs + '}' if attrs else ''}  # from {node_tag(node)}"
+        )
     lines += [f"output {fmt([o.name])}" for o in g.output]
     return "\n".join(lines) + "\n"
 
@@ -90,16 +123,27 @@ class DumpInstrument(Instrument):
         write_graphs: False to collect only the summary rows (used for the package report).
     """
 
-    def __init__(self, directory: Path | None, reference: Mapping[str, np.ndarray] | None = None,
-                 write_graphs: bool = True):
+    def __init__(
+        self,
+        directory: Path | None,
+        reference: Mapping[str, np.ndarray] | None = None,
+        write_graphs: bool = True,
+    ):
         self.directory = Path(directory) if directory else None
         self.reference = reference
         self.write_graphs = write_graphs and self.directory is not None
         self.rows: list[dict[str, Any]] = []
         self._probe: Mapping[str, np.ndarray] | None = None
 
-    def _emit(self, step: str, name: str, model: onnx.ModelProto, modified: bool | None,
-              seconds: float | None, info: dict[str, Any] | None = None) -> None:
+    def _emit(
+        self,
+        step: str,
+        name: str,
+        model: onnx.ModelProto,
+        modified: bool | None,
+        seconds: float | None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
         row = pass_row(step, model, self.reference, self._probe)
         row.update({"pass": name, "modified": modified, "seconds": seconds})
         if info:
@@ -116,8 +160,14 @@ class DumpInstrument(Instrument):
         self._emit("000_input", "input", model, None, None)
 
     def after_pass(self, index: int, spec: PassSpec, result: PassResult, seconds: float) -> None:
-        self._emit(f"{index:03d}_{spec.name}", spec.text(), result.model, result.modified,
-                   seconds, result.info)
+        self._emit(
+            f"{index:03d}_{spec.name}",
+            spec.text(),
+            result.model,
+            result.modified,
+            seconds,
+            result.info,
+        )
 
     def write_summary(self) -> None:
         """Write ``summary.tsv`` (readable) and ``summary.json`` (complete) to the dump dir."""
@@ -146,8 +196,12 @@ def format_table(rows: list[dict[str, Any]], tsv: bool = False) -> str:
     cells = [[_cell(r.get(c), c) for c in cols] for r in rows]
     if tsv:
         return "\n".join("\t".join(r) for r in [list(cols), *cells]) + "\n"
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
-              for i, c in enumerate(cols)]
-    fmt_row = lambda r: "  ".join(v.rjust(w) if i > 1 else v.ljust(w)  # noqa: E731
-                                  for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+    widths = [
+        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
+    ]
+
+    def fmt_row(r: list[str]) -> str:
+        pairs = enumerate(zip(r, widths, strict=True))
+        return "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in pairs)
+
     return "\n".join(fmt_row(r) for r in [list(cols), *cells]) + "\n"

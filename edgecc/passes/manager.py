@@ -107,9 +107,7 @@ class PassSpec:
     def build(self) -> Pass:
         passes = registered_passes()
         if self.name not in passes:
-            raise UserInputError(
-                f"unknown pass {self.name!r}; known passes: {', '.join(passes)}"
-            )
+            raise UserInputError(f"unknown pass {self.name!r}; known passes: {', '.join(passes)}")
         try:
             return passes[self.name](**dict(self.options))
         except TypeError as err:
@@ -215,7 +213,9 @@ class Instrument:
     def after_pass(self, index: int, spec: PassSpec, result: PassResult, seconds: float) -> None:  # noqa: B027
         """Called after the pass ran, with its result."""
 
-    def on_error(self, index: int, spec: PassSpec, model: onnx.ModelProto, err: BaseException) -> None:  # noqa: B027
+    def on_error(
+        self, index: int, spec: PassSpec, model: onnx.ModelProto, err: BaseException
+    ) -> None:  # noqa: B027
         """Called when the pass raised; ``model`` is its input."""
 
 
@@ -252,7 +252,9 @@ class PassManager:
         known = registered_passes()
         for name in self.disabled:
             if name not in known:
-                raise UserInputError(f"--disable-pass {name!r}: unknown pass; known: {', '.join(known)}")
+                raise UserInputError(
+                    f"--disable-pass {name!r}: unknown pass; known: {', '.join(known)}"
+                )
         self.passes = [s.build() for s in self.specs]  # fail on bad options before any work
         self.records: list[PassRecord] = []
 
@@ -280,15 +282,19 @@ class PassManager:
                 for inst in self.instruments:
                     inst.on_error(index, spec, model, err)
                 raise PassError(
-                    f"pass {index} {spec.text()} failed: {type(err).__name__}: {err}{self._after(index)}"
+                    f"pass {index} {spec.text()} failed: {type(err).__name__}: {err}"
+                    f"{self._after(index)}"
                 ) from err
             seconds = time.perf_counter() - start
             tag_nodes(result.model, {n.name: node_tag(n) for n in model.graph.node}, spec.name)
             model = result.model
             self.records.append(PassRecord(index, spec, result.modified, seconds, result.info))
             logger.info(
-                "pass %d %s: %s in %.2fs", index, spec.text(),
-                "modified" if result.modified else "no change", seconds,
+                "pass %d %s: %s in %.2fs",
+                index,
+                spec.text(),
+                "modified" if result.modified else "no change",
+                seconds,
             )
             for inst in self.instruments:
                 inst.after_pass(index, spec, result, seconds)
@@ -349,7 +355,9 @@ class FailureDumpInstrument(Instrument):
     def __init__(self, directory: Path):
         self.directory = Path(directory)
 
-    def on_error(self, index: int, spec: PassSpec, model: onnx.ModelProto, err: BaseException) -> None:
+    def on_error(
+        self, index: int, spec: PassSpec, model: onnx.ModelProto, err: BaseException
+    ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"failed_{index:03d}_{spec.name}.onnx"
         onnx.save(model, str(path))

@@ -86,6 +86,6 @@ def graph_stats(model: onnx.ModelProto) -> dict[str, int | list[str]]:
     }
 
 
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, "numpy_helper.np.ndarray"]:
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, numpy_helper.np.ndarray]:
     """Name -> numpy array of every initializer."""
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -4,26 +4,37 @@ from __future__ import annotations
 
 from edgecc.targets.base import Target, register_target
 
-_NEEDS = ("aarch64 Linux with glibc >= 2.28, Python 3.11 and the TVM runtime "
-          "(pip install apache-tvm==0.27.0.post1 on the device)")
+_NEEDS = (
+    "aarch64 Linux with glibc >= 2.28, Python 3.11 and the TVM runtime "
+    "(pip install apache-tvm==0.27.0.post1 on the device)"
+)
 
-register_target(Target(
-    name="rpi4",
-    description="Raspberry Pi 4 Model B: Cortex-A72, aarch64, NEON",
-    tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
-                "mattr": ["+neon"], "num-cores": 4},
-    arch="aarch64",
-    cross_compiler="aarch64-linux-gnu-gcc",
-    runtime_needs=_NEEDS + "; 64-bit Raspberry Pi OS",
-    aliases=("raspberry-pi-4", "rpi4b"),
-))
+register_target(
+    Target(
+        name="rpi4",
+        description="Raspberry Pi 4 Model B: Cortex-A72, aarch64, NEON",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mcpu": "cortex-a72",
+            "mattr": ["+neon"],
+            "num-cores": 4,
+        },
+        arch="aarch64",
+        cross_compiler="aarch64-linux-gnu-gcc",
+        runtime_needs=_NEEDS + "; 64-bit Raspberry Pi OS",
+        aliases=("raspberry-pi-4", "rpi4b"),
+    )
+)
 
-register_target(Target(
-    name="arm64",
-    description="generic aarch64 CPU (ARMv8-A with NEON)",
-    tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-    arch="aarch64",
-    cross_compiler="aarch64-linux-gnu-gcc",
-    runtime_needs=_NEEDS,
-    aliases=("aarch64",),
-))
+register_target(
+    Target(
+        name="arm64",
+        description="generic aarch64 CPU (ARMv8-A with NEON)",
+        tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+        arch="aarch64",
+        cross_compiler="aarch64-linux-gnu-gcc",
+        runtime_needs=_NEEDS,
+        aliases=("aarch64",),
+    )
+)

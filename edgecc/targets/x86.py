@@ -11,33 +11,45 @@ from pathlib import Path
 
 from edgecc.targets.base import Target, register_target
 
-_NEEDS = "x86-64 Linux with glibc, Python 3.11 and the TVM runtime (pip install apache-tvm==0.27.0.post1)"
+_NEEDS = (
+    "x86-64 Linux with glibc, Python 3.11 and the TVM runtime "
+    "(pip install apache-tvm==0.27.0.post1)"
+)
 
-X86_AVX2 = register_target(Target(
-    name="x86-avx2",
-    description="x86-64 CPU with AVX2 and FMA (Haswell and newer, Zen)",
-    tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
-    arch="x86_64",
-    runtime_needs=_NEEDS + "; a CPU with AVX2",
-    aliases=("avx2",),
-))
+X86_AVX2 = register_target(
+    Target(
+        name="x86-avx2",
+        description="x86-64 CPU with AVX2 and FMA (Haswell and newer, Zen)",
+        tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
+        arch="x86_64",
+        runtime_needs=_NEEDS + "; a CPU with AVX2",
+        aliases=("avx2",),
+    )
+)
 
-X86_AVX512 = register_target(Target(
-    name="x86-avx512",
-    description="x86-64 CPU with AVX-512 (Skylake-SP, Ice Lake, Zen 4/5)",
-    tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"},
-    arch="x86_64",
-    runtime_needs=_NEEDS + "; a CPU with AVX-512 (F, BW, DQ, VL)",
-    aliases=("avx512",),
-))
+X86_AVX512 = register_target(
+    Target(
+        name="x86-avx512",
+        description="x86-64 CPU with AVX-512 (Skylake-SP, Ice Lake, Zen 4/5)",
+        tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"},
+        arch="x86_64",
+        runtime_needs=_NEEDS + "; a CPU with AVX-512 (F, BW, DQ, VL)",
+        aliases=("avx512",),
+    )
+)
 
 
 def host_has_avx512(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when the compiling host's CPU flags include the AVX-512 subsets of x86-64-v4."""
     try:
         flags = next(
-            (line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("flags")), [])
+            (
+                line.split(":", 1)[1].split()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
     except OSError:
         return False
     return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
@@ -45,11 +57,13 @@ def host_has_avx512(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 _HOST_BASE = X86_AVX512 if host_has_avx512() else X86_AVX2
 
-register_target(Target(
-    name="x86",
-    description=f"this host's x86-64 CPU (detected: {_HOST_BASE.name})",
-    tvm_target=_HOST_BASE.tvm_target,
-    arch="x86_64",
-    runtime_needs=_HOST_BASE.runtime_needs,
-    aliases=("host", "x86_64"),
-))
+register_target(
+    Target(
+        name="x86",
+        description=f"this host's x86-64 CPU (detected: {_HOST_BASE.name})",
+        tvm_target=_HOST_BASE.tvm_target,
+        arch="x86_64",
+        runtime_needs=_HOST_BASE.runtime_needs,
+        aliases=("host", "x86_64"),
+    )
+)

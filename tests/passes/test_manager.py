@@ -38,8 +38,12 @@ class AppendNeg:
             mid, new = out + "_n1", out + "_n2"
             for n in g.node:
                 n.output[:] = [mid if o == out else o for o in n.output]
-            g.node.extend([helper.make_node("Neg", [mid], [out + "_x"], name=f"neg_{len(g.node)}"),
-                           helper.make_node("Neg", [out + "_x"], [out])])
+            g.node.extend(
+                [
+                    helper.make_node("Neg", [mid], [out + "_x"], name=f"neg_{len(g.node)}"),
+                    helper.make_node("Neg", [out + "_x"], [out]),
+                ]
+            )
             del new
         return PassResult(model, self.times > 0)
 
@@ -55,18 +59,24 @@ class Boom:
 def _model() -> onnx.ModelProto:
     w = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [w],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("text", [
-    "fold-bn",
-    "fold-bn,prune(ratio=0.3,round_to=8),qdq(method=entropy)",
-    "prune(skip=[conv1,conv2],overrides={layer1:0.5})",
-    "lowrank(energy=0.95),qdq(method=percentile,percentile=99.99,keep_float=[Gemm])",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fold-bn",
+        "fold-bn,prune(ratio=0.3,round_to=8),qdq(method=entropy)",
+        "prune(skip=[conv1,conv2],overrides={layer1:0.5})",
+        "lowrank(energy=0.95),qdq(method=percentile,percentile=99.99,keep_float=[Gemm])",
+    ],
+)
 def test_pipeline_text_round_trips(text: str) -> None:
     specs = parse_pipeline(text)
     assert format_pipeline(specs) == text
@@ -104,7 +114,9 @@ def test_new_nodes_are_tagged_with_their_pass_and_input_untouched() -> None:
 
 
 def test_disable_pass_skips_and_records() -> None:
-    pm = PassManager(parse_pipeline("test-append-neg,test-append-neg(times=2)"), disabled=["test-append-neg"])
+    pm = PassManager(
+        parse_pipeline("test-append-neg,test-append-neg(times=2)"), disabled=["test-append-neg"]
+    )
     out = pm.run(_model())
     assert len(out.graph.node) == 1
     assert [r.skipped for r in pm.records] == [True, True]
@@ -112,7 +124,9 @@ def test_disable_pass_skips_and_records() -> None:
 
 def test_failure_names_the_pass_and_those_before() -> None:
     pm = PassManager(parse_pipeline("test-append-neg,test-boom"))
-    with pytest.raises(PassError, match=r"pass 2 test-boom failed: RuntimeError: kaboom \(after: test-append-neg\)"):
+    with pytest.raises(
+        PassError, match=r"pass 2 test-boom failed: RuntimeError: kaboom \(after: test-append-neg\)"
+    ):
         pm.run(_model())
 
 
@@ -122,15 +136,23 @@ def test_dump_instrument_writes_files_and_rows_agree(tmp_path) -> None:
     dump = DumpInstrument(tmp_path, ref)
     timing = TimingInstrument()
     out = PassManager(parse_pipeline("test-append-neg"), [dump, timing]).run(
-        _model(), PassContext(probe_inputs=x))
+        _model(), PassContext(probe_inputs=x)
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "000_input.onnx", "000_input.txt", "001_test-append-neg.onnx", "001_test-append-neg.txt",
-        "summary.json", "summary.tsv"]
+        "000_input.onnx",
+        "000_input.txt",
+        "001_test-append-neg.onnx",
+        "001_test-append-neg.txt",
+        "summary.json",
+        "summary.tsv",
+    ]
     dumped = onnx.load(str(tmp_path / "001_test-append-neg.onnx"))
     onnx.checker.check_model(dumped)
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert [r["nodes"] for r in rows] == [1, 3] == [1, len(out.graph.node)]
-    assert rows[1]["modified"] is True and rows[1]["max_abs_diff"] == 0.0 and rows[1]["cosine"] == 1.0
+    assert (
+        rows[1]["modified"] is True and rows[1]["max_abs_diff"] == 0.0 and rows[1]["cosine"] == 1.0
+    )
     assert rows[0]["macs"] == 6 and rows[0]["params"] == 6
     assert "# from test-append-neg" in (tmp_path / "001_test-append-neg.txt").read_text()
     assert [name for name, _ in timing.rows] == ["001_test-append-neg"]

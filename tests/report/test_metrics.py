@@ -14,11 +14,16 @@ def test_conv_gemm_macs_and_params() -> None:
     w = numpy_helper.from_array(np.zeros((8, 2, 3, 3), np.float32), "w")  # groups=2 on 4 inputs
     fc = numpy_helper.from_array(np.zeros((8 * 6 * 6, 10), np.float32), "fc")
     g = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], group=2),
-         helper.make_node("Flatten", ["c"], ["f"]),
-         helper.make_node("Gemm", ["f", "fc"], ["y"])], "g",
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], group=2),
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc"], ["y"]),
+        ],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w, fc])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [w, fc],
+    )
     stats = graph_stats(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
     conv = 1 * 8 * 6 * 6 * (4 // 2) * 9
     gemm = 10 * 288
