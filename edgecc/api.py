@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
+# Run before every pipeline unless ``cleanup=False`` / ``--no-cleanup``: exporters leave weights
+# behind Transpose/Cast chains and compute zero biases from Shape; folding them first lets the
+# compression passes see plain constant weights.
+CLEANUP_PASSES = "fold-constants,remove-identity,eliminate-dead"
+
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -77,6 +82,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     example_inputs: Any = None,
     passes: str | Sequence[Any] | None = None,
     disable_passes: Iterable[str] = (),
+    cleanup: bool = True,
     calib: str | None = None,
     calib_samples: int | None = None,
     dump_dir: str | Path | None = None,
@@ -95,6 +101,9 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         example_inputs: example tensors for an ``nn.Module`` (tuple or dict).
         passes: pipeline text (``fold-bn,prune(ratio=0.3)``) or PassSpecs; None = target default.
         disable_passes: pass names to skip (bisecting).
+        cleanup: run :data:`CLEANUP_PASSES` before the pipeline, so that exporter artefacts
+            (weights behind Transpose, zero biases computed from Shape) are plain constants
+            the compression passes can match.
         calib: calibration data for ``qdq``: ``.npz`` file, folder of ``.npy``, or ``random``.
         calib_samples: use at most this many calibration samples.
         dump_dir: write the graph after each pass and a summary table there.
@@ -125,6 +134,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             p if isinstance(p, PassSpec) else PassSpec(p[0], tuple(dict(p[1]).items()))
             for p in passes
         ]
+    if cleanup:
+        specs = parse_pipeline(CLEANUP_PASSES) + specs
     out = Path(out)
 
     with staged_output(out) as staging:

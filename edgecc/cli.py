@@ -95,6 +95,12 @@ def cli(debug: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     type=click.Path(path_type=Path),
     help="Write the graph after every pass and a summary table here.",
 )
+@click.option(
+    "--no-cleanup",
+    "no_cleanup",
+    is_flag=True,
+    help="Do not run fold-constants,remove-identity,eliminate-dead before the pipeline.",
+)
 @click.option("--time-passes", is_flag=True, help="Print the time each pass took.")
 @click.option(
     "--calib", default=None, metavar="DATA.npz|DIR|random", help="Calibration data for qdq."
@@ -122,6 +128,7 @@ def compile_cmd(
     passes: str | None,
     disabled: tuple[str, ...],
     dump_dir: Path | None,
+    no_cleanup: bool,
     time_passes: bool,
     calib: str | None,
     calib_samples: int | None,
@@ -140,6 +147,7 @@ def compile_cmd(
         input_shapes=input_shapes,
         passes=passes,
         disable_passes=disabled,
+        cleanup=not no_cleanup,
         calib=calib,
         calib_samples=calib_samples,
         dump_dir=dump_dir,

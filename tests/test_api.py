@@ -36,7 +36,7 @@ def net() -> torch.nn.Module:
 def test_compile_module_load_and_run(net: torch.nn.Module, tmp_path: Path) -> None:
     x = torch.randn(1, 3, 16, 16)
     pkg = edgecc.compile(net, "x86", example_inputs=(x,), passes="fold-bn", out=tmp_path / "pkg")
-    assert pkg.manifest["pipeline"] == "fold-bn"
+    assert pkg.manifest["pipeline"] == "fold-constants,remove-identity,eliminate-dead,fold-bn"
     assert pkg.report["stats"]["final"]["nodes"] < pkg.report["stats"]["input"]["nodes"]
     (name,) = pkg.input_names
     out = edgecc.load(tmp_path / "pkg").run({name: x.numpy()})
@@ -69,3 +69,12 @@ def test_interrupted_compile_leaves_previous_package(
         edgecc.compile(net, "x86", example_inputs=(x,), passes="fold-bn", out=out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # no staging folder left
+
+
+def test_cleanup_can_be_turned_off(net: torch.nn.Module, tmp_path: Path) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    pkg = edgecc.compile(
+        net, "x86", example_inputs=(x,), passes="", cleanup=False, out=tmp_path / "p"
+    )
+    assert pkg.manifest["pipeline"] == ""
+    assert [r["step"] for r in pkg.report["passes"]] == ["000_input"]

@@ -30,7 +30,8 @@ class Target:
         runtime_needs: what the device must have to load the package.
         precisions: precisions the target can run (``fp32``, ``int8``...).
         int8_execution: how int8 (QDQ) graphs execute on this target today.
-        default_passes: the pipeline text used when the user gives no ``--passes``.
+        default_passes: the pipeline text used when the user gives no ``--passes`` (the
+            cleanup passes of :data:`edgecc.api.CLEANUP_PASSES` run before it either way).
         aliases: other names accepted on the command line.
     """
 
@@ -48,7 +49,7 @@ class Target:
         "QDQ lowered by TVM Relax to float arithmetic around float kernels "
         "(no integer kernels yet); weights are stored as float32 in the library"
     )
-    default_passes: str = "fold-constants,remove-identity,eliminate-dead,fold-bn,shape-inference"
+    default_passes: str = "fold-bn,shape-inference"
     aliases: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
