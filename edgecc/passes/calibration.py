@@ -31,7 +31,11 @@ than twice the observed maximum. From the histogram:
   non-negative tensor quantised to uint8) and spreads each group's mass evenly over its non-empty
   bins; the threshold minimising ``KL(P || Q)`` wins (the largest, on ties). As in NVIDIA's
   pytorch-quantization, bin 0 counts as its neighbour bin 1: the exact zeros a ReLU produces
-  would otherwise dominate ``P`` and push the threshold far too low.
+  would otherwise dominate ``P`` and push the threshold far too low. The KL threshold is then
+  raised, if needed, so that it saturates at most ``ENTROPY_MAX_CLIP`` (0.1 %) of the observed
+  values: a single dominant value (the background of normalised images, -0.81 on Fashion-MNIST)
+  otherwise pulls the KL minimum onto itself and saturates every brighter pixel (measured: int8
+  accuracy 87.4 % without the guard, vs 89.7 % fp32).
 
 The clipping threshold ``T`` of either method turns the observed range into
 ``[max(min, -T), min(max, T)]`` (so a post-ReLU tensor keeps ``[0, T]``).
@@ -486,6 +490,7 @@ def _kl_clipped(hist: np.ndarray, tail: float, levels: int) -> float:
 
 
 METHODS = ("minmax", "percentile", "entropy")
+ENTROPY_MAX_CLIP = 1e-3
 
 
 def make_observer(method: str, bins: int = 2048) -> MinMaxObserver:
@@ -504,7 +509,10 @@ def calibrated_range(observer: MinMaxObserver, method: str, percentile: float = 
     if method == "percentile":
         t = observer.percentile_threshold(percentile)
     elif method == "entropy":
-        t = observer.entropy_threshold(levels)
+        t = max(
+            observer.entropy_threshold(levels),
+            observer.percentile_threshold(100.0 * (1.0 - ENTROPY_MAX_CLIP)),
+        )
     else:
         raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
     return max(lo, -t), min(hi, t)
