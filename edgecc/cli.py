@@ -109,6 +109,11 @@ def cli(debug: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     "--calib-samples", type=int, default=None, help="Use at most this many calibration samples."
 )
 @click.option(
+    "--probe",
+    type=click.Path(path_type=Path),
+    help="Input (.npy/.npz) the reference and per-pass comparisons use [default: seeded N(0,1)].",
+)
+@click.option(
     "--trust-pickle",
     is_flag=True,
     help="Allow loading a pickled nn.Module (runs code from the file).",
@@ -132,6 +137,7 @@ def compile_cmd(
     time_passes: bool,
     calib: str | None,
     calib_samples: int | None,
+    probe: Path | None,
     trust_pickle: bool,
     seed: int,
 ) -> None:
@@ -153,6 +159,7 @@ def compile_cmd(
         dump_dir=dump_dir,
         trust_pickle=trust_pickle,
         seed=seed,
+        probe=probe,
         progress=_progress,
     )
     rep, man = pkg.report, pkg.manifest
@@ -181,22 +188,6 @@ def compile_cmd(
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
 
 
-def _read_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise UserInputError(f"input file {path} does not exist")
-    try:
-        if path.suffix == ".npy":
-            if len(names) != 1:
-                raise UserInputError(
-                    f"the package takes {len(names)} inputs {names}: pass a .npz with those names"
-                )
-            return {names[0]: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as err:
-        raise UserInputError(f"cannot read {path}: {err}") from err
-
-
 @cli.command("run")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option(
@@ -220,10 +211,10 @@ def _read_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 )
 def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, check: bool) -> None:
     """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation)."""
-    from edgecc.package import Package
+    from edgecc.package import Package, read_arrays
 
     pkg = Package(package)
-    inputs = _read_inputs(input_path, pkg.input_names) if input_path else None
+    inputs = read_arrays(input_path) if input_path else None
     feeds = pkg.prepare_inputs(inputs) if inputs is not None else pkg.probe_inputs()
     outputs = pkg.run(feeds, progress=_progress)
     if output_path:

@@ -182,6 +182,7 @@ class Package:
 
     def prepare_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check names, shapes and dtypes of ``inputs`` against the manifest; order them."""
+        inputs = name_single(inputs, self.input_names)
         out = {}
         for spec in self.manifest["inputs"]:
             name = spec["name"]
@@ -242,6 +243,34 @@ class Package:
             exp["max_rel_diff"] <= CHECK_MAX_REL_DIFF and exp["cosine"] >= CHECK_MIN_COSINE
         )
         return result
+
+
+SINGLE = ""  # the key of an unnamed array (a .npy file): it feeds a model's only input
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Arrays from ``x.npy`` (keyed :data:`SINGLE`) or ``inputs.npz`` (keyed by name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"input file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            return {SINGLE: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as err:
+        raise UserInputError(f"cannot read {path}: {err}") from err
+
+
+def name_single(arrays: Mapping[str, np.ndarray], names: list[str]) -> Mapping[str, np.ndarray]:
+    """Give an unnamed array (from a .npy file) the name of the model's only input."""
+    if SINGLE not in arrays:
+        return arrays
+    if len(names) != 1 or len(arrays) != 1:
+        raise UserInputError(
+            f"the model takes {len(names)} inputs {names}: pass a .npz with those names"
+        )
+    return {names[0]: arrays[SINGLE]}
 
 
 def _same_inputs(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

@@ -282,3 +282,40 @@ def test_existing_non_package_output_is_not_replaced(
     )
     _assert_user_error(code, err, EXIT_USER, "not an edgecc package")
     assert (precious / "thesis.tex").read_text() == "keep me"
+
+
+def test_probe_file_is_the_reference_input(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = np.random.default_rng(5).random((4, 3, 8, 8)).astype(np.float32)  # a small dataset
+    np.save(tmp_path / "probe.npy", data)
+    code, _, err = _cli(
+        capsys,
+        "-q",
+        "compile",
+        files["ok"],
+        "--input-shape",
+        "x:1x3x8x8",
+        "--probe",
+        tmp_path / "probe.npy",
+        "-o",
+        tmp_path / "pkg",
+    )
+    assert code == 0, err
+    with np.load(tmp_path / "pkg" / "reference.npz") as ref:
+        np.testing.assert_array_equal(ref["input:x"], data[:1])
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((1, 3, 9, 9), np.float32))
+    code, _, err = _cli(
+        capsys,
+        "compile",
+        files["ok"],
+        "--input-shape",
+        "x:1x3x8x8",
+        "--probe",
+        bad,
+        "-o",
+        tmp_path / "pkg2",
+    )
+    _assert_user_error(code, err, EXIT_USER, "probe array 'x' has shape [1, 3, 9, 9]")
+    assert not (tmp_path / "pkg2").exists()

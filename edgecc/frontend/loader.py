@@ -42,7 +42,7 @@ import onnx
 from edgecc.errors import UnsupportedOperatorError, UserInputError
 from edgecc.frontend import detect
 from edgecc.frontend.onnx_io import MIN_OPSET, finalize, first_line, read_onnx
-from edgecc.frontend.probe import index_bounds, make_probe_inputs, placeholder_inputs
+from edgecc.frontend.probe import index_bounds, placeholder_inputs, resolve_probe
 from edgecc.frontend.specs import InputSpec, canonical_dtype
 from edgecc.report.compare import compare_outputs, run_onnx
 
@@ -94,6 +94,7 @@ def load_model(
     trust_pickle: bool = False,
     seed: int = 0,
     opset: int = 18,
+    probe_inputs: Mapping[str, np.ndarray] | None = None,
 ) -> LoadedModel:
     """Load a model file or object, export it to ONNX if needed, and record a reference output.
 
@@ -107,6 +108,8 @@ def load_model(
             inputs) for torch sources; they fix the input shapes and are what the export traces.
         trust_pickle: allow unpickling a ``torch.save``-d module (runs arbitrary code).
         seed: seed of the probe inputs.
+        probe_inputs: the probe itself (arrays by input name; a leading dataset axis is cut to
+            the input's batch), instead of seeded random inputs.
         opset: ONNX opset for torch exports, and the target when upgrading ONNX files below 17.
 
     Raises:
@@ -115,6 +118,8 @@ def load_model(
     if opset < MIN_OPSET:
         raise UserInputError(f"opset {opset} is too old: edgecc needs opset >= {MIN_OPSET}")
     specs = list(input_specs or [])
+    if probe_inputs is not None:
+        seed = probe_inputs  # the helpers below take "seed or the probe arrays"
     if isinstance(source, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(source)  # finalize edits in place; leave the caller's proto alone
@@ -129,7 +134,7 @@ def _from_file(
     specs: list[InputSpec],
     example_inputs: ExampleInputs,
     trust_pickle: bool,
-    seed: int,
+    seed: int | Mapping[str, np.ndarray],
     opset: int,
 ) -> LoadedModel:
     kind = detect.detect_format(path)
@@ -158,7 +163,7 @@ def _from_file(
 def _from_onnx(
     model: onnx.ModelProto,
     specs: list[InputSpec],
-    seed: int,
+    seed: int | Mapping[str, np.ndarray],
     opset: int,
     origin: str,
     digest: str | None,
@@ -167,7 +172,7 @@ def _from_onnx(
 
     model, inputs = finalize(model, specs, opset, origin)
     _stamp(model, "onnx", digest)
-    probe = make_probe_inputs(inputs, seed, index_bounds(model))
+    probe = resolve_probe(inputs, seed, index_bounds(model))
     reference = _run_ort(model, probe, origin)
     return LoadedModel(
         model=model,
@@ -221,7 +226,7 @@ def _from_torch_object(
     obj: Any,
     specs: list[InputSpec],
     example_inputs: ExampleInputs,
-    seed: int,
+    seed: int | Mapping[str, np.ndarray],
     opset: int,
     path: Path | None,
     digest: str | None,
@@ -246,7 +251,11 @@ def _from_torch_object(
 
 
 def _export_and_reference(
-    plan: _TorchPlan, origin: str, digest: str | None, seed: int, opset: int
+    plan: _TorchPlan,
+    origin: str,
+    digest: str | None,
+    seed: int | Mapping[str, np.ndarray],
+    opset: int,
 ) -> LoadedModel:
     import torch
 
@@ -279,7 +288,7 @@ def _export_and_reference(
             f"exporting {origin}: torch returns {len(names)} tensors but the ONNX graph has "
             f"{len(output_names)} outputs"
         )
-    probe = make_probe_inputs(inputs, seed, index_bounds(model))
+    probe = resolve_probe(inputs, seed, index_bounds(model))
     unused = [s.name for s in plan.specs if s.name not in probe]
     if unused:  # the exporter dropped inputs the graph never reads; torch still takes them
         logger.warning("%s: inputs %s do not affect the outputs", origin, ", ".join(unused))

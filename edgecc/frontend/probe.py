@@ -5,16 +5,18 @@ token ids or masks: an input whose name contains ``mask`` is all ones; any other
 drawn uniformly from ``[0, bound)``, where ``bound`` is the smallest table it indexes (the first
 dimension of a constant ``Gather`` data tensor it reaches through shape-only ops), capped at
 :data:`MAX_INDEX`. Boolean inputs are all True. The same specs, graph and seed always give the
-same arrays.
+same arrays. A user may give the probe instead (``--probe``): real data makes the per-pass
+cosine in the dumps meaningful for lossy passes whose calibration expects real inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from edgecc.errors import UserInputError
 from edgecc.frontend.specs import InputSpec
 from edgecc.passes.graph import GraphIndex, attr
 
@@ -77,6 +79,48 @@ def make_probe_inputs(
             value = rng.integers(0, high, size=spec.shape).astype(spec.dtype)
         probe[spec.name] = value
     return probe
+
+
+def resolve_probe(
+    specs: Sequence[InputSpec],
+    probe: int | Mapping[str, np.ndarray],
+    bounds: dict[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """The probe inputs: seeded ones for an int ``probe``, else the given arrays, checked.
+
+    Given arrays must name every input; each must have the input's shape, or that shape with
+    more rows on the first axis (a dataset: its first rows are taken). Dtypes of the same kind
+    are cast.
+
+    Raises:
+        UserInputError: missing names, wrong shapes or dtypes.
+    """
+    if isinstance(probe, int):
+        return make_probe_inputs(specs, probe, bounds)
+    from edgecc.package import name_single
+
+    probe = name_single(probe, [s.name for s in specs])
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name not in probe:
+            raise UserInputError(
+                f"probe data has no array {spec.name!r}; the model's inputs are "
+                f"{[s.name for s in specs]}"
+            )
+        arr = np.asarray(probe[spec.name])
+        if arr.shape[1:] == tuple(spec.shape[1:]) and arr.shape[0] >= spec.shape[0]:
+            arr = arr[: spec.shape[0]]
+        if arr.shape != tuple(spec.shape):
+            raise UserInputError(
+                f"probe array {spec.name!r} has shape {list(arr.shape)}, the input is "
+                f"{list(spec.shape)}"
+            )
+        if arr.dtype.kind != np.dtype(spec.dtype).kind:
+            raise UserInputError(
+                f"probe array {spec.name!r} has dtype {arr.dtype}, the input is {spec.dtype}"
+            )
+        out[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype))
+    return out
 
 
 def placeholder_inputs(specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
