@@ -120,8 +120,10 @@ def lower(
     }
     notes: list[str] = []
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
-    say(f"linking {out_path.name} with {Path(linker).name}"
-        + (f" (CUDA kernels -> {target.cuda_arch} PTX with nvcc {nvcc.release})" if nvcc else ""))
+    say(
+        f"linking {out_path.name} with {Path(linker).name}"
+        + (f" (CUDA kernels -> {target.cuda_arch} PTX with nvcc {nvcc.release})" if nvcc else "")
+    )
     _export(executable, out_path, linker, packer)
 
     cuda_code = None
@@ -129,8 +131,14 @@ def lower(
         cuda_code = _cuda_facts(target, nvcc, packer, details, notes)
     seconds = time.monotonic() - start
     log.info("lowered for %s in %.1f s -> %s", target.name, seconds, out_path)
-    return LoweredLibrary(path=out_path, cuda_code=cuda_code, notes=notes,
-                          compile_seconds=seconds, tvm_version=tvm.__version__, details=details)
+    return LoweredLibrary(
+        path=out_path,
+        cuda_code=cuda_code,
+        notes=notes,
+        compile_seconds=seconds,
+        tvm_version=tvm.__version__,
+        details=details,
+    )
 
 
 def tvm_target_of(target: Target):
@@ -156,11 +164,13 @@ def _linker(target: Target) -> str:
     if target.cross_compiler:
         found = shutil.which(target.cross_compiler)
         if not found:
-            package = ("gcc-aarch64-linux-gnu" if target.cross_compiler.startswith("aarch64")
-                       else None)
+            package = (
+                "gcc-aarch64-linux-gnu" if target.cross_compiler.startswith("aarch64") else None
+            )
             hint = f": install the Debian package {package}" if package else ""
-            raise ToolchainError(f"cross compiler {target.cross_compiler} for {target.name} not "
-                                 f"found on PATH{hint}")
+            raise ToolchainError(
+                f"cross compiler {target.cross_compiler} for {target.name} not found on PATH{hint}"
+            )
         return found
     from tvm.support import cc
 
@@ -177,15 +187,17 @@ def _nvcc_for(target: Target) -> cuda.Nvcc | None:
         return None
     nvcc = cuda.find_nvcc()
     if nvcc is None:
-        log.warning("nvcc not found: %s will carry CUDA source for the board to compile",
-                    target.name)
+        log.warning(
+            "nvcc not found: %s will carry CUDA source for the board to compile", target.name
+        )
         return None
     cuda.check_arch(nvcc, target.cuda_arch or "", target.name)
     return nvcc
 
 
-def _import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                 dtypes: dict[str, str]):
+def _import_onnx(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]
+):
     """``from_onnx`` with the importer's prints captured and its failures made readable."""
     from tvm.relax.frontend import onnx as relax_onnx
 
@@ -193,8 +205,11 @@ def _import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     try:
         with contextlib.redirect_stdout(printed):
             return relax_onnx.from_onnx(
-                model, shape_dict={k: list(v) for k, v in shapes.items()},
-                dtype_dict=dict(dtypes), keep_params_in_input=False)
+                model,
+                shape_dict={k: list(v) for k, v in shapes.items()},
+                dtype_dict=dict(dtypes),
+                keep_params_in_input=False,
+            )
     except Exception as err:
         op_type = _failed_op(printed.getvalue())
         if op_type is None:
@@ -211,7 +226,7 @@ def _failed_op(printed: str) -> str | None:
     prefix = "Error converting operator "
     for line in printed.splitlines():
         if line.startswith(prefix):
-            return line[len(prefix):].split(",", 1)[0].strip()
+            return line[len(prefix) :].split(",", 1)[0].strip()
     return None
 
 
@@ -220,11 +235,13 @@ def _pipeline(tvm_target):
     import tvm
     from tvm import relax
 
-    return tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        relax.get_default_pipeline(tvm_target),
-    ])
+    return tvm.transform.Sequential(
+        [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.get_default_pipeline(tvm_target),
+        ]
+    )
 
 
 def _pipeline_name(tvm_target) -> str:
@@ -257,27 +274,43 @@ def _export(executable, out_path: Path, linker: str, packer: cuda.PtxPacker | No
         if packer is None:
             executable.export_library(str(tmp), fcompile=fcompile, workspace_dir=work)
         else:
-            executable.mod.export_library(str(tmp), fcompile=fcompile, fpack_imports=packer,
-                                          workspace_dir=work)
+            executable.mod.export_library(
+                str(tmp), fcompile=fcompile, fpack_imports=packer, workspace_dir=work
+            )
         staged = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
         shutil.copyfile(tmp, staged)
         os.replace(staged, out_path)
 
 
-def _cuda_facts(target: Target, nvcc: cuda.Nvcc | None, packer: cuda.PtxPacker | None,
-                details: dict[str, Any], notes: list[str]) -> str:
+def _cuda_facts(
+    target: Target,
+    nvcc: cuda.Nvcc | None,
+    packer: cuda.PtxPacker | None,
+    details: dict[str, Any],
+    notes: list[str],
+) -> str:
     """Record how the device code was built; return ``cuda_code`` (``ptx`` or ``source``)."""
     details["cuda_arch"] = target.cuda_arch
     if nvcc is None or packer is None:
-        notes.append("nvcc was not found: the library carries CUDA source; the board must "
-                     "compile it at load time (TVM's Python with tvm_callback_cuda_compile and "
-                     "NVRTC, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc)")
+        notes.append(
+            "nvcc was not found: the library carries CUDA source; the board must "
+            "compile it at load time (TVM's Python with tvm_callback_cuda_compile and "
+            "NVRTC, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc)"
+        )
         details["cuda_format"] = "cuda source"
         return "source"
-    details.update({"nvcc": nvcc.path, "nvcc_release": nvcc.release,
-                    "cuda_modules": packer.formats, "ptx_isa": sorted(packer.ptx_isa)})
+    details.update(
+        {
+            "nvcc": nvcc.path,
+            "nvcc_release": nvcc.release,
+            "cuda_modules": packer.formats,
+            "ptx_isa": sorted(packer.ptx_isa),
+        }
+    )
     isa = ", ".join(sorted(packer.ptx_isa)) or "?"
-    notes.append(f"CUDA kernels are {target.cuda_arch} PTX (ISA {isa}) from nvcc {nvcc.release}; "
-                 f"the board's driver JIT-compiles them and must support CUDA >= {nvcc.release} "
-                 f"(a JetPack 6 board has CUDA 12.x: build with a CUDA 12 nvcc for it)")
+    notes.append(
+        f"CUDA kernels are {target.cuda_arch} PTX (ISA {isa}) from nvcc {nvcc.release}; "
+        f"the board's driver JIT-compiles them and must support CUDA >= {nvcc.release} "
+        f"(a JetPack 6 board has CUDA 12.x: build with a CUDA 12 nvcc for it)"
+    )
     return "ptx"

@@ -29,8 +29,10 @@ STANDARD_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 # The importer handles these outside its converter map.
 BUILTIN_OPS = frozenset({"If", "Constant"})
 _CONSTANT_ATTRS = {
-    "value_float": np.float32, "value_floats": np.float32,
-    "value_int": np.int64, "value_ints": np.int64,
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
 }
 
 
@@ -39,8 +41,10 @@ class OperatorConversionError(UnsupportedOperatorError):
 
     def __init__(self, op_type: str, nodes: list[str], reason: str):
         super().__init__([(op_type, len(nodes), nodes)])
-        self.args = (f"TVM's ONNX importer cannot convert {op_type} "
-                     f"(e.g. {', '.join(nodes[:3]) or '?'}): {reason}",)
+        self.args = (
+            f"TVM's ONNX importer cannot convert {op_type} "
+            f"(e.g. {', '.join(nodes[:3]) or '?'}): {reason}",
+        )
 
 
 @functools.cache

@@ -63,15 +63,20 @@ def find_nvcc() -> Nvcc | None:
     if not path:
         return None
     try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                 check=True).stdout
-        archs = subprocess.run([path, "--list-gpu-arch"], capture_output=True, text=True,
-                               check=True).stdout.split()
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        archs = subprocess.run(
+            [path, "--list-gpu-arch"], capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError) as err:
         raise ToolchainError(f"{path} does not run: {err}") from err
     match = re.search(r"release (\d+\.\d+)", version)
-    return Nvcc(path, match.group(1) if match else "?",
-                frozenset(a.replace("compute_", "sm_") for a in archs))
+    return Nvcc(
+        path,
+        match.group(1) if match else "?",
+        frozenset(a.replace("compute_", "sm_") for a in archs),
+    )
 
 
 def check_arch(nvcc: Nvcc, arch: str, target_name: str) -> None:
@@ -82,7 +87,8 @@ def check_arch(nvcc: Nvcc, arch: str, target_name: str) -> None:
     raise ToolchainError(
         f"CUDA {nvcc.release}'s nvcc cannot build {arch} ({target_name}): this CUDA release "
         f"supports {oldest} and newer; put the nvcc of a CUDA release that supports {arch} and "
-        "that the board's driver accepts (e.g. CUDA 11.4 of JetPack 5) first on PATH")
+        "that the board's driver accepts (e.g. CUDA 11.4 of JetPack 5) first on PATH"
+    )
 
 
 def ptx_isa(ptx: bytes) -> str | None:
@@ -102,8 +108,9 @@ def compile_ptx(source: str, arch: str) -> bytes:
         return bytes(nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc"))
     except RuntimeError as err:
         last = str(err).strip().splitlines()[-1:] or ["?"]
-        raise ToolchainError(f"nvcc failed to compile the CUDA kernels for {arch}: {last[0]}") \
-            from err
+        raise ToolchainError(
+            f"nvcc failed to compile the CUDA kernels for {arch}: {last[0]}"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -203,9 +210,14 @@ class ImportBlob:
         return parsed
 
     def serialize(self) -> bytes:
-        body = _vector(self.row_ptr) + _vector(self.children) + b"".join(
-            _bytes(kind) + (b"" if payload is None else _bytes(payload))
-            for kind, payload in self.modules)
+        body = (
+            _vector(self.row_ptr)
+            + _vector(self.children)
+            + b"".join(
+                _bytes(kind) + (b"" if payload is None else _bytes(payload))
+                for kind, payload in self.modules
+            )
+        )
         return struct.pack("<Q", len(body)) + body
 
 
@@ -221,7 +233,7 @@ def split_cuda_payload(payload: bytes) -> tuple[bytes, bytes, bytes]:
     for pos in range(start, len(payload) - 7):
         (size,) = struct.unpack_from("<Q", payload, pos)
         if pos + 8 + size == len(payload):
-            return fmt, payload[start:pos], payload[pos + 8:]
+            return fmt, payload[start:pos], payload[pos + 8 :]
     raise BlobFormatError("CUDA module payload has no trailing code field")
 
 
@@ -247,7 +259,7 @@ class _Reader:
         if self.pos + size > len(self.data):
             raise BlobFormatError("import blob truncated")
         self.pos += size
-        return self.data[self.pos - size:self.pos]
+        return self.data[self.pos - size : self.pos]
 
 
 def _bytes(data: bytes) -> bytes:
@@ -262,12 +274,14 @@ def _incbin_asm(symbol: str, data: Path) -> str:
     """GNU assembler source defining ``symbol`` as the bytes of ``data`` (x86-64 and aarch64)."""
     size = data.stat().st_size
     # .file names the STT_FILE symbol; without it the assembler records gcc's random temp name.
-    return ('\t.file "devc.s"\n'
-            f'\t.section .rodata.{symbol},"a"\n'
-            f"\t.globl {symbol}\n"
-            f"\t.type {symbol}, %object\n"
-            f"\t.balign 16\n"
-            f"{symbol}:\n"
-            f'\t.incbin "{data}"\n'
-            f"\t.size {symbol}, {size}\n"
-            '\t.section .note.GNU-stack,"",%progbits\n')
+    return (
+        '\t.file "devc.s"\n'
+        f'\t.section .rodata.{symbol},"a"\n'
+        f"\t.globl {symbol}\n"
+        f"\t.type {symbol}, %object\n"
+        f"\t.balign 16\n"
+        f"{symbol}:\n"
+        f'\t.incbin "{data}"\n'
+        f"\t.size {symbol}, {size}\n"
+        '\t.section .note.GNU-stack,"",%progbits\n'
+    )

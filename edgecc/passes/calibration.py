@@ -122,12 +122,17 @@ def _as_specs(input_specs: Any) -> list[InputSpec]:
     if isinstance(input_specs, Mapping):
         items = []
         for name, value in input_specs.items():
-            shape, dtype = (value if len(value) == 2 and not isinstance(value[0], int | None)
-                            else (value, "float32"))
+            shape, dtype = (
+                value
+                if len(value) == 2 and not isinstance(value[0], int | None)
+                else (value, "float32")
+            )
             items.append(InputSpec(name, tuple(shape), np.dtype(dtype).name))
         return items
-    return [InputSpec(s.name, tuple(s.shape), np.dtype(getattr(s, "dtype", "float32")).name)
-            for s in input_specs]
+    return [
+        InputSpec(s.name, tuple(s.shape), np.dtype(getattr(s, "dtype", "float32")).name)
+        for s in input_specs
+    ]
 
 
 class CalibrationData:
@@ -139,8 +144,14 @@ class CalibrationData:
         description: where the data came from, for reports.
     """
 
-    def __init__(self, specs: Sequence[InputSpec], num_samples: int, batch_size: int,
-                 batches: Callable[[], Iterator[dict[str, np.ndarray]]], description: str):
+    def __init__(
+        self,
+        specs: Sequence[InputSpec],
+        num_samples: int,
+        batch_size: int,
+        batches: Callable[[], Iterator[dict[str, np.ndarray]]],
+        description: str,
+    ):
         self.specs = list(specs)
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -202,15 +213,18 @@ def load_calibration(
         raise UserInputError(f"--calib-samples must be >= 1, got {limit}")
     for s in specs:
         if s.rank == 0:
-            raise UserInputError(f"calibration: input {s.name!r} is a scalar; scalar inputs are "
-                                 "not supported (give the model a batch axis)")
+            raise UserInputError(
+                f"calibration: input {s.name!r} is a scalar; scalar inputs are "
+                "not supported (give the model a batch axis)"
+            )
     batch = _batch_size(specs, batch_size)
     if spec == RANDOM:
         return _random(specs, limit or DEFAULT_RANDOM_SAMPLES, batch, seed)
     path = Path(spec)
     if not path.exists():
-        raise UserInputError(f"calibration data {spec!r} not found: pass --calib "
-                             "data.npz|dir|random")
+        raise UserInputError(
+            f"calibration data {spec!r} not found: pass --calib data.npz|dir|random"
+        )
     if path.is_dir():
         chunks, what = _folder_chunks(path, specs)
     elif path.suffix == ".npz":
@@ -218,23 +232,27 @@ def load_calibration(
     elif path.suffix == ".npy" and len(specs) == 1:
         chunks, what = [(str(path), {specs[0].name: _load_npy(path)})], "array"
     else:
-        raise UserInputError(f"calibration data {spec!r}: expected a .npz file, a folder of .npy "
-                             f"files or 'random'")
+        raise UserInputError(
+            f"calibration data {spec!r}: expected a .npz file, a folder of .npy files or 'random'"
+        )
     chunks = [{s.name: _rows(s, chunk[s.name], src) for s in specs} for src, chunk in chunks]
     sizes = [len(next(iter(c.values()))) for c in chunks]
     total = sum(sizes)
     if limit is not None:
         total = min(total, limit)
     if total < batch:
-        raise UserInputError(f"calibration data {spec!r} has {total} samples; the model's fixed "
-                             f"batch size needs at least {batch}")
+        raise UserInputError(
+            f"calibration data {spec!r} has {total} samples; the model's fixed "
+            f"batch size needs at least {batch}"
+        )
     dropped = total % batch if any(s.dim(0) for s in specs) else 0
     if dropped:
-        logger.warning("calibration: %d samples left over after batches of %d are not used",
-                       dropped, batch)
+        logger.warning(
+            "calibration: %d samples left over after batches of %d are not used", dropped, batch
+        )
     used = total - dropped
     shapes = ", ".join(f"{s.name}: {_shape_text(next(c[s.name] for c in chunks))}" for s in specs)
-    description = (f"{spec} ({what}): {used} samples ({shapes}), batches of {batch}")
+    description = f"{spec} ({what}): {used} samples ({shapes}), batches of {batch}"
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
         return _batch_iter(chunks, specs, used, batch)
@@ -247,8 +265,10 @@ def load_calibration(
 def _batch_size(specs: Sequence[InputSpec], requested: int) -> int:
     fixed = {s.dim(0) for s in specs if s.dim(0)}
     if len(fixed) > 1:
-        raise UserInputError("calibration: inputs have different fixed batch sizes "
-                             f"({', '.join(s.text() for s in specs)})")
+        raise UserInputError(
+            "calibration: inputs have different fixed batch sizes "
+            f"({', '.join(s.text() for s in specs)})"
+        )
     return fixed.pop() if fixed else requested
 
 
@@ -256,15 +276,20 @@ def _shape_text(rows: np.ndarray) -> str:
     return f"{'x'.join(map(str, rows.shape[1:])) or 'scalar'} {rows.dtype}"
 
 
-def _random(specs: Sequence[InputSpec], count: int, batch: int,
-            seed: int) -> tuple[CalibrationData, str]:
+def _random(
+    specs: Sequence[InputSpec], count: int, batch: int, seed: int
+) -> tuple[CalibrationData, str]:
     for s in specs:
         if np.dtype(s.dtype).kind != "f":
-            raise UserInputError(f"--calib random: input {s.name!r} is {s.dtype}; random data is "
-                                 "only generated for float inputs: pass --calib data.npz|dir")
+            raise UserInputError(
+                f"--calib random: input {s.name!r} is {s.dtype}; random data is "
+                "only generated for float inputs: pass --calib data.npz|dir"
+            )
         if any(s.dim(i) is None for i in range(1, s.rank)):
-            raise UserInputError(f"--calib random: input {s.text()} has dynamic dims; random "
-                                 "data needs static shapes: pass --calib data.npz|dir")
+            raise UserInputError(
+                f"--calib random: input {s.text()} has dynamic dims; random "
+                "data needs static shapes: pass --calib data.npz|dir"
+            )
     count = max(count, batch) if any(s.dim(0) for s in specs) else count
     count -= count % batch if any(s.dim(0) for s in specs) else 0
 
@@ -274,8 +299,7 @@ def _random(specs: Sequence[InputSpec], count: int, batch: int,
             n = min(batch, count - start)
             yield {s.name: rng.standard_normal((n, *s.shape[1:])).astype(s.dtype) for s in specs}
 
-    description = (f"{RANDOM_NOTE}: {count} seeded N(0,1) samples (seed {seed}), "
-                   f"batches of {batch}")
+    description = f"{RANDOM_NOTE}: {count} seeded N(0,1) samples (seed {seed}), batches of {batch}"
     return CalibrationData(specs, count, batch, batches, description), description
 
 
@@ -300,17 +324,19 @@ def _check_names(where: str, names: Sequence[str], specs: Sequence[InputSpec]) -
     wanted = [s.name for s in specs]
     missing = [n for n in wanted if n not in names]
     if missing:
-        raise UserInputError(f"{where} has arrays [{', '.join(names)}] but the model inputs are "
-                             f"[{', '.join(wanted)}]: missing {', '.join(missing)} (save with "
-                             f"np.savez(path, {wanted[0]}=array, ...))")
+        raise UserInputError(
+            f"{where} has arrays [{', '.join(names)}] but the model inputs are "
+            f"[{', '.join(wanted)}]: missing {', '.join(missing)} (save with "
+            f"np.savez(path, {wanted[0]}=array, ...))"
+        )
     extra = [n for n in names if n not in wanted]
     if extra:
-        logger.warning("%s: ignoring arrays that are not model inputs: %s", where,
-                       ", ".join(extra))
+        logger.warning("%s: ignoring arrays that are not model inputs: %s", where, ", ".join(extra))
 
 
-def _folder_chunks(path: Path, specs: Sequence[InputSpec]
-                   ) -> tuple[list[tuple[str, dict[str, np.ndarray]]], str]:
+def _folder_chunks(
+    path: Path, specs: Sequence[InputSpec]
+) -> tuple[list[tuple[str, dict[str, np.ndarray]]], str]:
     files = sorted(path.glob("*.npy"))
     if not files:
         raise UserInputError(f"calibration folder {str(path)!r} has no .npy files")
@@ -336,19 +362,24 @@ def _rows(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
         array = array.reshape(array.shape[0] * array.shape[1], *array.shape[2:])
     expect = "x".join(str(spec.dim(i) or "?") for i in range(1, spec.rank))
     bad = array.ndim != spec.rank or any(
-        spec.dim(i) is not None and array.shape[i] != spec.dim(i) for i in range(1, spec.rank))
+        spec.dim(i) is not None and array.shape[i] != spec.dim(i) for i in range(1, spec.rank)
+    )
     if bad:
         raise UserInputError(
             f"calibration array {spec.name!r} in {source!r} has shape {array.shape}; model input "
-            f"{spec.text()} needs (samples, {expect.replace('x', ', ') or ''}) with samples first")
+            f"{spec.text()} needs (samples, {expect.replace('x', ', ') or ''}) with samples first"
+        )
     if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
-        raise UserInputError(f"calibration array {spec.name!r} in {source!r} is "
-                             f"{array.dtype}; model input {spec.text()} cannot take it")
+        raise UserInputError(
+            f"calibration array {spec.name!r} in {source!r} is "
+            f"{array.dtype}; model input {spec.text()} cannot take it"
+        )
     return array
 
 
-def _batch_iter(chunks: Sequence[Mapping[str, np.ndarray]], specs: Sequence[InputSpec],
-                total: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+def _batch_iter(
+    chunks: Sequence[Mapping[str, np.ndarray]], specs: Sequence[InputSpec], total: int, batch: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``batch`` rows (the last may be short) over the first ``total`` rows."""
     pending: list[dict[str, np.ndarray]] = []
     have = seen = 0
@@ -357,11 +388,13 @@ def _batch_iter(chunks: Sequence[Mapping[str, np.ndarray]], specs: Sequence[Inpu
         start = 0
         while start < size and seen < total:
             take = min(size - start, batch - have, total - seen)
-            pending.append({k: v[start:start + take] for k, v in chunk.items()})
+            pending.append({k: v[start : start + take] for k, v in chunk.items()})
             start, have, seen = start + take, have + take, seen + take
             if have == batch or seen == total:
-                yield {s.name: np.concatenate([p[s.name] for p in pending]).astype(s.dtype)
-                       for s in specs}
+                yield {
+                    s.name: np.concatenate([p[s.name] for p in pending]).astype(s.dtype)
+                    for s in specs
+                }
                 pending, have = [], 0
 
 
@@ -498,8 +531,9 @@ def make_observer(method: str, bins: int = 2048) -> MinMaxObserver:
     return MinMaxObserver() if method == "minmax" else HistogramObserver(bins)
 
 
-def calibrated_range(observer: MinMaxObserver, method: str, percentile: float = 99.99,
-                     levels: int = 128) -> tuple[float, float]:
+def calibrated_range(
+    observer: MinMaxObserver, method: str, percentile: float = 99.99, levels: int = 128
+) -> tuple[float, float]:
     """The float range ``[lo, hi]`` to quantise to, by ``method`` (see module docstring)."""
     lo, hi = observer.range()
     if method == "minmax":
@@ -539,13 +573,23 @@ def progress(iterable: Iterable[Any], desc: str, total: int | None = None) -> It
     disable = bool(os.environ.get(NO_PROGRESS_ENV)) or not sys.stderr.isatty()
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    return tqdm(iterable, desc=desc, total=total, unit="batch", file=sys.stderr,
-                disable=disable, leave=False)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit="batch",
+        file=sys.stderr,
+        disable=disable,
+        leave=False,
+    )
 
 
-def observe(model: onnx.ModelProto, tensors: Sequence[str],
-            batches: Iterable[Mapping[str, np.ndarray]],
-            new_observer: Callable[[], MinMaxObserver]) -> Observation:
+def observe(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    new_observer: Callable[[], MinMaxObserver],
+) -> Observation:
     """Run ``model`` on every batch and fold the values of ``tensors`` into observers.
 
     The tensors become extra outputs of a temporary copy of the model (graph inputs are read from
@@ -559,18 +603,21 @@ def observe(model: onnx.ModelProto, tensors: Sequence[str],
     tmp = onnx.ModelProto()
     tmp.CopyFrom(model)
     tmp.ir_version = min(tmp.ir_version, ORT_MAX_IR_VERSION)
-    inputs = [i.name for i in tmp.graph.input
-              if i.name not in {t.name for t in tmp.graph.initializer}]
+    inputs = [
+        i.name for i in tmp.graph.input if i.name not in {t.name for t in tmp.graph.initializer}
+    ]
     present = {o.name for o in tmp.graph.output}
     fetched = [t for t in tensors if t not in inputs]
-    tmp.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                            for t in fetched if t not in present)
+    tmp.graph.output.extend(
+        helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+        for t in fetched
+        if t not in present
+    )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = 2
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(tmp.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(tmp.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     observers = {t: new_observer() for t in tensors}
     samples = count = 0
     for feeds in progress(batches, "calibrating"):

@@ -187,24 +187,99 @@ def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
     return result
 
 
-_UNARY = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
-    "Gelu", "Softplus", "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg",
-    "Abs", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Cast", "Dropout", "Clip",
-    "ThresholdedRelu", "Shrink", "Not", "IsNaN", "IsInf", "CastLike",
-})
-_SPATIAL = frozenset({
-    "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-    "BatchNormalization", "InstanceNormalization", "Resize", "Upsample", "Pad",
-})
-_ELEMENTWISE = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal",
-    "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod",
-})
-_REDUCE = frozenset({
-    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
-    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
-})
+_UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Erf",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "Abs",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Sin",
+        "Cos",
+        "Identity",
+        "Cast",
+        "Dropout",
+        "Clip",
+        "ThresholdedRelu",
+        "Shrink",
+        "Not",
+        "IsNaN",
+        "IsInf",
+        "CastLike",
+    }
+)
+_SPATIAL = frozenset(
+    {
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "GlobalLpPool",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "Resize",
+        "Upsample",
+        "Pad",
+    }
+)
+_ELEMENTWISE = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "PRelu",
+        "Where",
+        "Equal",
+        "Greater",
+        "Less",
+        "GreaterOrEqual",
+        "LessOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Mod",
+    }
+)
+_REDUCE = frozenset(
+    {
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceSum",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    }
+)
 
 
 class _Builder:
@@ -215,11 +290,17 @@ class _Builder:
         self.types = infer_types(model)
         self.nodes = list(model.graph.node)
         self.position = {id(n): i for i, n in enumerate(self.nodes)}
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                          18)
-        self.subgraph_reads = {i for n in self.nodes for a in n.attribute
-                               if a.type == onnx.AttributeProto.GRAPH
-                               for sn in a.g.node for i in sn.input}
+        self.opset = next(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18
+        )
+        self.subgraph_reads = {
+            i
+            for n in self.nodes
+            for a in n.attribute
+            if a.type == onnx.AttributeProto.GRAPH
+            for sn in a.g.node
+            for i in sn.input
+        }
         self.spaces: dict[str, Space] = {}
         self.locks: dict[str, list[str]] = {}
         self.links: list[Link] = []
@@ -230,12 +311,21 @@ class _Builder:
         self.visited: set[tuple[int, str]] = set()
         self._consts: dict[str, np.ndarray | None] = {}
         self.rules: dict[str, Callable[[onnx.NodeProto, str], None]] = {
-            "Conv": self._conv, "ConvTranspose": self._conv, "Gemm": self._gemm,
-            "MatMul": self._matmul, "Concat": self._concat, "Flatten": self._flatten,
-            "Reshape": self._reshape, "Transpose": self._transpose, "Squeeze": self._squeeze,
-            "Unsqueeze": self._unsqueeze, "Softmax": self._softmax,
-            "LogSoftmax": self._softmax, "Hardmax": self._softmax,
-            **dict.fromkeys(_UNARY, self._unary), **dict.fromkeys(_SPATIAL, self._spatial),
+            "Conv": self._conv,
+            "ConvTranspose": self._conv,
+            "Gemm": self._gemm,
+            "MatMul": self._matmul,
+            "Concat": self._concat,
+            "Flatten": self._flatten,
+            "Reshape": self._reshape,
+            "Transpose": self._transpose,
+            "Squeeze": self._squeeze,
+            "Unsqueeze": self._unsqueeze,
+            "Softmax": self._softmax,
+            "LogSoftmax": self._softmax,
+            "Hardmax": self._softmax,
+            **dict.fromkeys(_UNARY, self._unary),
+            **dict.fromkeys(_SPATIAL, self._spatial),
             **dict.fromkeys(_ELEMENTWISE, self._elementwise),
             **dict.fromkeys(_REDUCE, self._reduce),
         }
@@ -262,8 +352,10 @@ class _Builder:
         """Make ``tensor``'s axis ``axis`` a space (queued for its producer and consumers)."""
         if tensor in self.spaces:
             if self.spaces[tensor].axis != axis:
-                self.lock(tensor, f"{tensor!r} carries channels on axes "
-                                  f"{self.spaces[tensor].axis} and {axis}")
+                self.lock(
+                    tensor,
+                    f"{tensor!r} carries channels on axes {self.spaces[tensor].axis} and {axis}",
+                )
             return False
         shape = self.shape(tensor)
         size = shape[axis] if shape is not None and 0 <= axis < len(shape) else None
@@ -279,27 +371,51 @@ class _Builder:
         self.queue.append(tensor)
         return True
 
-    def link(self, a: str, b: str, node: onnx.NodeProto, block_a: int = 1, block_b: int = 1,
-             offset_b: int = 0) -> None:
+    def link(
+        self,
+        a: str,
+        b: str,
+        node: onnx.NodeProto,
+        block_a: int = 1,
+        block_b: int = 1,
+        offset_b: int = 0,
+    ) -> None:
         self.links.append(Link(a, b, self.position[id(node)], block_a, block_b, offset_b))
 
-    def param(self, node: onnx.NodeProto, k: int, axis: int, space: str, role: str,
-              start: int = 0, stop: int | None = None) -> None:
+    def param(
+        self,
+        node: onnx.NodeProto,
+        k: int,
+        axis: int,
+        space: str,
+        role: str,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
         """Record that constant input ``k`` of ``node`` is indexed on ``axis`` by ``space``."""
         value = self.const(node.input[k])
         if value is None:
-            self.lock(space, f"input {k} ({node.input[k]!r}) of {self.name(node)} is not "
-                             "constant")
+            self.lock(space, f"input {k} ({node.input[k]!r}) of {self.name(node)} is not constant")
             return
         want = (stop - start) if stop is not None else self.spaces[space].size
         if value.ndim <= axis or value.shape[axis] != want:
-            self.lock(space, f"input {k} of {self.name(node)} has shape {list(value.shape)}, "
-                             f"not {want} channels on axis {axis}")
+            self.lock(
+                space,
+                f"input {k} of {self.name(node)} has shape {list(value.shape)}, "
+                f"not {want} channels on axis {axis}",
+            )
             return
         self.slices[ParamSlice(self.position[id(node)], k, axis, space, role, start, stop)] = None
 
-    def operand(self, node: onnx.NodeProto, k: int, out: str, out_axis: int,
-                start: int = 0, stop: int | None = None) -> None:
+    def operand(
+        self,
+        node: onnx.NodeProto,
+        k: int,
+        out: str,
+        out_axis: int,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
         """Couple input ``k`` of ``node`` with ``out``'s channels (numpy broadcasting)."""
         name = node.input[k]
         shape, out_shape = self.shape(name), self.shape(out)
@@ -333,8 +449,10 @@ class _Builder:
     def _seed(self, node: onnx.NodeProto) -> None:
         """Every Conv/ConvTranspose/Gemm/MatMul with a constant weight opens a space."""
         op = node.op_type
-        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
-                or node.domain not in ("", "ai.onnx"):
+        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in (
+            "",
+            "ai.onnx",
+        ):
             return
         weight = self.const(node.input[1])
         shape = self.shape(node.output[0])
@@ -456,8 +574,9 @@ class _Builder:
     def _spatial(self, node: onnx.NodeProto, t: str) -> None:
         op = node.op_type
         if self.spaces[t].axis != 1:
-            self.lock(t, f"{self.name(node)} treats axis 1 as channels, not axis "
-                         f"{self.spaces[t].axis}")
+            self.lock(
+                t, f"{self.name(node)} treats axis 1 as channels, not axis {self.spaces[t].axis}"
+            )
             return
         pair = self._same(node, t)
         if pair is None:
@@ -554,12 +673,17 @@ class _Builder:
         shape, out_shape = self.shape(x), self.shape(y)
         axis = self.spaces[t].axis
         merged = shape[axis:] if shape is not None else [None]
-        if shape is None or out_shape is None or len(out_shape) != axis + 1 \
-                or out_shape[:axis] != shape[:axis] \
-                or not all(isinstance(d, int) for d in merged) \
-                or out_shape[axis] != math.prod(merged):
-            self.lock(t, f"{self.name(node)} is not a flatten of the channel axis and the "
-                         "axes after it")
+        if (
+            shape is None
+            or out_shape is None
+            or len(out_shape) != axis + 1
+            or out_shape[:axis] != shape[:axis]
+            or not all(isinstance(d, int) for d in merged)
+            or out_shape[axis] != math.prod(merged)
+        ):
+            self.lock(
+                t, f"{self.name(node)} is not a flatten of the channel axis and the axes after it"
+            )
             return
         target = [d if isinstance(d, int) else 0 for d in out_shape[:axis]] + [-1]
         if attr(node, "allowzero", 0) and 0 in target:
@@ -568,10 +692,11 @@ class _Builder:
         if self._merge(node, x, y, axis, shape):
             self.shape_inputs[ShapeInput(self.position[id(node)], 1, tuple(target), y)] = None
 
-    def _merge(self, node: onnx.NodeProto, x: str, y: str, axis: int,
-               shape: list[int | str | None]) -> bool:
+    def _merge(
+        self, node: onnx.NodeProto, x: str, y: str, axis: int, shape: list[int | str | None]
+    ) -> bool:
         """Couple channel c of x (axis ``axis``) with y's features [c*B, (c+1)*B)."""
-        tail = shape[axis + 1:]
+        tail = shape[axis + 1 :]
         if not all(isinstance(d, int) for d in tail):
             self.lock(y, f"{self.name(node)}: spatial dims unknown")
             return False
@@ -658,9 +783,10 @@ class _Builder:
             graph.add_node(name, axis=space.axis, size=space.size)
         for link in self.links:
             graph.add_edge(link.a, link.b, node=self.name(self.nodes[link.node]))
-        components = sorted((sorted(c, key=order.__getitem__)
-                             for c in nx.connected_components(graph)),
-                            key=lambda c: order[c[0]])
+        components = sorted(
+            (sorted(c, key=order.__getitem__) for c in nx.connected_components(graph)),
+            key=lambda c: order[c[0]],
+        )
         group_of = {name: gid for gid, comp in enumerate(components) for name in comp}
         links_of: dict[int, list[Link]] = {}
         for link in self.links:
@@ -682,8 +808,15 @@ class _Builder:
                 group.atoms, group.n_atoms = self._atoms(comp, links_of.get(gid, []))
             groups.append(group)
         return ChannelAnalysis(
-            dict(self.spaces), graph, groups, group_of, list(self.slices), list(self.updates),
-            list(self.shape_inputs), [self.name(n) for n in self.nodes])
+            dict(self.spaces),
+            graph,
+            groups,
+            group_of,
+            list(self.slices),
+            list(self.updates),
+            list(self.shape_inputs),
+            [self.name(n) for n in self.nodes],
+        )
 
     def _check_links(self, links: list[Link]) -> list[str]:
         bad = []
@@ -693,8 +826,10 @@ class _Builder:
                 continue  # already locked as unknown
             blocks = size_a // link.block_a
             if size_a % link.block_a or link.offset_b + blocks * link.block_b > size_b:
-                bad.append(f"{self.name(self.nodes[link.node])}: inconsistent channel counts "
-                           f"({size_a} vs {size_b})")
+                bad.append(
+                    f"{self.name(self.nodes[link.node])}: inconsistent channel counts "
+                    f"({size_a} vs {size_b})"
+                )
         return bad
 
     def _atoms(self, spaces: list[str], links: list[Link]) -> tuple[dict[str, np.ndarray], int]:
@@ -715,8 +850,10 @@ class _Builder:
             start_b = base[link.b] + link.offset_b
             for j in range(self.spaces[link.a].size // link.block_a):
                 first = base[link.a] + j * link.block_a
-                members = [*range(first + 1, first + link.block_a),
-                           *range(start_b + j * link.block_b, start_b + (j + 1) * link.block_b)]
+                members = [
+                    *range(first + 1, first + link.block_a),
+                    *range(start_b + j * link.block_b, start_b + (j + 1) * link.block_b),
+                ]
                 root = find(first)
                 for m in members:
                     other = find(m)
@@ -727,6 +864,5 @@ class _Builder:
         _, first_seen, labels = np.unique(roots, return_index=True, return_inverse=True)
         renumber = np.argsort(np.argsort(first_seen))  # atom ids in order of first channel
         labels = renumber[labels]
-        atoms = {name: labels[base[name]: base[name] + self.spaces[name].size]
-                 for name in spaces}
+        atoms = {name: labels[base[name] : base[name] + self.spaces[name].size] for name in spaces}
         return atoms, len(first_seen)

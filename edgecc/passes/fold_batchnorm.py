@@ -116,8 +116,9 @@ class FoldBatchNorm:
                 else:
                     replace[id(bn)], old = self._fold(bn, target, scale, shift, index, types)
                     orphaned |= old
-                    info["folded"].append({"bn": _name(bn), "into": _name(target.node),
-                                           "op": target.node.op_type})
+                    info["folded"].append(
+                        {"bn": _name(bn), "into": _name(target.node), "op": target.node.op_type}
+                    )
             except _Decline as why:
                 logger.info("fold-bn: %s left as is: %s", _name(bn), why)
                 info["declined"].append({"node": _name(bn), "reason": str(why)})
@@ -133,8 +134,9 @@ class FoldBatchNorm:
         return PassResult(model, True, info)
 
     @staticmethod
-    def _affine(bn: onnx.NodeProto, index: GraphIndex,
-                types: dict[str, onnx.TypeProto]) -> tuple[np.ndarray, np.ndarray]:
+    def _affine(
+        bn: onnx.NodeProto, index: GraphIndex, types: dict[str, onnx.TypeProto]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(s, t)`` with ``BN(x) = x * s + t`` per channel, in float64."""
         if attr(bn, "training_mode", 0) or any(index.uses(o) for o in bn.output[1:] if o):
             raise _Decline("training-mode BatchNorm (running-statistics outputs are used)")
@@ -146,8 +148,9 @@ class FoldBatchNorm:
         return scale, beta - mean * scale
 
     @staticmethod
-    def _match(bn: onnx.NodeProto, index: GraphIndex,
-               types: dict[str, onnx.TypeProto]) -> _Target | None:
+    def _match(
+        bn: onnx.NodeProto, index: GraphIndex, types: dict[str, onnx.TypeProto]
+    ) -> _Target | None:
         """The op to fold into, None when there is none; raises :class:`_Decline` if unsafe."""
         x = bn.input[0]
         node = index.producer.get(x)
@@ -163,24 +166,32 @@ class FoldBatchNorm:
             raise _Decline(f"the {op} output {x!r} is a graph output; folding would change it")
         readers = [n for n in value_consumers(index, x) if n is not bn]
         if readers:
-            raise _Decline(f"the {op} output {x!r} is also read by "
-                           f"{', '.join(_name(n) for n in readers)}")
+            raise _Decline(
+                f"the {op} output {x!r} is also read by {', '.join(_name(n) for n in readers)}"
+            )
         weight = target.node.input[1]
         if const_value(index, weight, types) is None:
             raise _Decline(f"the {op} weight {weight!r} is not constant")
         sharers = [n for n in value_consumers(index, weight) if n is not target.node]
         if sharers or weight in index.graph_outputs:
-            raise _Decline(f"the {op} weight {weight!r} is shared with "
-                           f"{', '.join(_name(n) for n in sharers) or 'a graph output'}")
+            raise _Decline(
+                f"the {op} weight {weight!r} is shared with "
+                f"{', '.join(_name(n) for n in sharers) or 'a graph output'}"
+            )
         bias = target.node.input[2] if len(target.node.input) > 2 else ""
         if bias and const_value(index, bias, types) is None:
             raise _Decline(f"the {op} bias {bias!r} is not constant")
         return target
 
     @staticmethod
-    def _fold(bn: onnx.NodeProto, target: _Target, scale: np.ndarray, shift: np.ndarray,
-              index: GraphIndex, types: dict[str, onnx.TypeProto],
-              ) -> tuple[list[onnx.NodeProto], set[str]]:
+    def _fold(
+        bn: onnx.NodeProto,
+        target: _Target,
+        scale: np.ndarray,
+        shift: np.ndarray,
+        index: GraphIndex,
+        types: dict[str, onnx.TypeProto],
+    ) -> tuple[list[onnx.NodeProto], set[str]]:
         """Scale the target's weight and bias so it computes the BatchNorm's output.
 
         Returns the nodes replacing the BatchNorm (none, or a bias Add for a bias-free MatMul)
@@ -212,9 +223,13 @@ class FoldBatchNorm:
             pos = target.add_const
             bias = const_value(index, target.add.input[pos], types)
             old.add(target.add.input[pos])
-            set_const_input(index, target.add, pos,
-                            (bias.astype(np.float64) * scale + shift).astype(bias.dtype),
-                            f"{target.add.name or 'bias'}_folded")
+            set_const_input(
+                index,
+                target.add,
+                pos,
+                (bias.astype(np.float64) * scale + shift).astype(bias.dtype),
+                f"{target.add.name or 'bias'}_folded",
+            )
         elif node.op_type == "MatMul":
             bias = index.add_initializer(f"{bn.name or 'bn'}_bias", shift.astype(weight.dtype))
             add = index.make_node("Add", [bn.input[0], bias], [bn.output[0]], f"{bn.name}_add")
@@ -225,32 +240,44 @@ class FoldBatchNorm:
         return [], old - set(node.input)
 
     @staticmethod
-    def _to_mul_add(bn: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray,
-                    index: GraphIndex, types: dict[str, onnx.TypeProto]) -> list[onnx.NodeProto]:
+    def _to_mul_add(
+        bn: onnx.NodeProto,
+        scale: np.ndarray,
+        shift: np.ndarray,
+        index: GraphIndex,
+        types: dict[str, onnx.TypeProto],
+    ) -> list[onnx.NodeProto]:
         """``Mul(x, s) -> Add(t)`` with constants broadcasting on axis 1."""
         shape = static_shape(types, bn.input[0])
         if shape is None or len(shape) < 2:
-            raise _Decline("the input rank is unknown, so the per-channel constants cannot be "
-                           "shaped")
+            raise _Decline(
+                "the input rank is unknown, so the per-channel constants cannot be shaped"
+            )
         dtype = helper.tensor_dtype_to_np_dtype(types[bn.input[0]].tensor_type.elem_type)
         bshape = (-1,) + (1,) * (len(shape) - 2)
         s = index.add_initializer(f"{bn.name or 'bn'}_scale", scale.astype(dtype).reshape(bshape))
         t = index.add_initializer(f"{bn.name or 'bn'}_shift", shift.astype(dtype).reshape(bshape))
         mid = index.unique(f"{bn.output[0]}_scaled")
-        return [index.make_node("Mul", [bn.input[0], s], [mid], f"{bn.name}_mul"),
-                index.make_node("Add", [mid, t], [bn.output[0]], f"{bn.name}_add")]
+        return [
+            index.make_node("Mul", [bn.input[0], s], [mid], f"{bn.name}_mul"),
+            index.make_node("Add", [mid, t], [bn.output[0]], f"{bn.name}_add"),
+        ]
 
 
-def _matmul_target(node: onnx.NodeProto, index: GraphIndex,
-                   types: dict[str, onnx.TypeProto]) -> _Target | None:
+def _matmul_target(
+    node: onnx.NodeProto, index: GraphIndex, types: dict[str, onnx.TypeProto]
+) -> _Target | None:
     """MatMul with a constant 2-D weight and 2-D output, possibly followed by a constant Add."""
     add, pos = None, 1
     if node.op_type == "Add":
         add = node
         for pos in (1, 0):
             mm = index.producer.get(add.input[1 - pos])
-            if mm is not None and mm.op_type == "MatMul" \
-                    and const_value(index, add.input[pos], types) is not None:
+            if (
+                mm is not None
+                and mm.op_type == "MatMul"
+                and const_value(index, add.input[pos], types) is not None
+            ):
                 break
         else:
             return None
@@ -273,8 +300,14 @@ def _last_dim(node: onnx.NodeProto, types: dict[str, onnx.TypeProto]) -> int | N
     return shape[-1] if shape else None
 
 
-def _fold_bias(node: onnx.NodeProto, index: GraphIndex, types: dict[str, onnx.TypeProto],
-               scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> None:
+def _fold_bias(
+    node: onnx.NodeProto,
+    index: GraphIndex,
+    types: dict[str, onnx.TypeProto],
+    scale: np.ndarray,
+    shift: np.ndarray,
+    dtype: np.dtype,
+) -> None:
     """Conv/ConvTranspose/Gemm bias: ``b' = b * s + shift`` (created when absent)."""
     has_bias = len(node.input) > 2 and node.input[2]
     bias = const_value(index, node.input[2], types) if has_bias else np.zeros((), dtype)

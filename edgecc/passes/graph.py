@@ -36,8 +36,12 @@ class GraphIndex:
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.graph_outputs = {o.name for o in self.graph.output}
         self.graph_inputs = {i.name for i in self.graph.input}
-        self._names = ({n.name for n in self.graph.node} | set(self.producer)
-                       | set(self.initializers) | self.graph_inputs)
+        self._names = (
+            {n.name for n in self.graph.node}
+            | set(self.producer)
+            | set(self.initializers)
+            | self.graph_inputs
+        )
 
     def is_const(self, name: str) -> bool:
         """True when ``name`` is an initializer (not overridable as an input) or a Constant."""
@@ -86,8 +90,9 @@ class GraphIndex:
         self.set_initializer(name, value)
         return name
 
-    def make_node(self, op_type: str, inputs: list[str], outputs: list[str], name: str,
-                  **attrs: object) -> onnx.NodeProto:
+    def make_node(
+        self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs: object
+    ) -> onnx.NodeProto:
         """Create a node with a fresh name (not yet inserted into the graph)."""
         return helper.make_node(op_type, inputs, outputs, name=self.unique(name), **attrs)
 
@@ -156,9 +161,10 @@ def remove_if_unused(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
     used = used_names(model)
     dead = set(names) - used
     removed = []
-    for field, key in ((model.graph.initializer, lambda t: t.name),
-                       (model.graph.node,
-                        lambda n: n.output[0] if n.op_type == "Constant" else None)):
+    for field, key in (
+        (model.graph.initializer, lambda t: t.name),
+        (model.graph.node, lambda n: n.output[0] if n.op_type == "Constant" else None),
+    ):
         for i in reversed(range(len(field))):
             if key(field[i]) in dead:
                 removed.append(key(field[i]))
@@ -169,16 +175,25 @@ def remove_if_unused(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
 # Inputs that read only the shape or the element type of a tensor, never its values: a rewrite
 # that keeps a tensor's values (or refreshes them consistently) need not treat them as uses.
 META_INPUTS = frozenset({("Shape", 0), ("Size", 0), ("CastLike", 1)})
-_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
-                               "RandomUniformLike", "Multinomial", "Bernoulli"})
+_NONDETERMINISTIC = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+    }
+)
 
 
 def value_consumers(index: GraphIndex, name: str) -> list[onnx.NodeProto]:
     """Consumers of ``name`` that read its values (not only its shape or element type)."""
     out: list[onnx.NodeProto] = []
     for node in index.consumers.get(name, []):
-        reads = any(i == name and (node.op_type, k) not in META_INPUTS
-                    for k, i in enumerate(node.input))
+        reads = any(
+            i == name and (node.op_type, k) not in META_INPUTS for k, i in enumerate(node.input)
+        )
         if reads and not any(n is node for n in out):
             out.append(node)
     return out
@@ -221,16 +236,20 @@ def infer_shapes_copy(model: onnx.ModelProto, max_elements: int = 64) -> onnx.Mo
     return _infer_or_same(work) if any(values.values()) else first
 
 
-def _materialise(index: GraphIndex, name: str, types: dict[str, onnx.TypeProto],
-                 max_elements: int) -> str | None:
+def _materialise(
+    index: GraphIndex, name: str, types: dict[str, onnx.TypeProto], max_elements: int
+) -> str | None:
     """The name of a new initializer holding ``name``'s value, if small, integer and constant."""
     if not name or name in index.initializers or name not in index.producer:
         return None
     shape = static_shape(types, name)
     elem = types[name].tensor_type.elem_type if name in types else 0
-    if shape is None or not all(isinstance(d, int) for d in shape) \
-            or math.prod(shape) > max_elements \
-            or elem not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+    if (
+        shape is None
+        or not all(isinstance(d, int) for d in shape)
+        or math.prod(shape) > max_elements
+        or elem not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    ):
         return None
     value = const_value(index, name, types)
     return None if value is None else index.add_initializer(f"{name}_const", value)
@@ -249,12 +268,15 @@ def static_shape(types: dict[str, onnx.TypeProto], name: str) -> list[int | str 
     t = types.get(name)
     if t is None or not t.tensor_type.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in t.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in t.tensor_type.shape.dim
+    ]
 
 
-def const_value(index: GraphIndex, name: str,
-                types: dict[str, onnx.TypeProto] | None = None) -> np.ndarray | None:
+def const_value(
+    index: GraphIndex, name: str, types: dict[str, onnx.TypeProto] | None = None
+) -> np.ndarray | None:
     """The value of ``name`` when it is computable from constants alone, else None.
 
     Beyond :meth:`GraphIndex.const`, this evaluates the constant subgraph feeding ``name`` (with
@@ -284,9 +306,15 @@ def const_value(index: GraphIndex, name: str,
         if shape is not None and all(isinstance(d, int) for d in shape):
             meta.add(tensor)  # only its shape or type matters: a zero tensor stands in for it
             continue
-        if node is None or node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx") \
-                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                       for a in node.attribute):
+        if (
+            node is None
+            or node.op_type in _NONDETERMINISTIC
+            or node.domain not in ("", "ai.onnx")
+            or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in node.attribute
+            )
+        ):
             return None
         needed.add(tensor)
         nodes.add(id(node))
@@ -296,13 +324,18 @@ def const_value(index: GraphIndex, name: str,
         dtype = helper.tensor_dtype_to_np_dtype(types[tensor].tensor_type.elem_type)
         feeds[tensor] = np.zeros(shape, dtype)
     graph = helper.make_graph(
-        [n for n in index.graph.node if id(n) in nodes], "const",
-        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for k, v in feeds.items()],
+        [n for n in index.graph.node if id(n) in nodes],
+        "const",
+        [
+            helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for k, v in feeds.items()
+        ],
         [helper.make_value_info(name, onnx.TypeProto())],
-        [index.initializers[i] for i in sorted(inits)])
-    sub = helper.make_model(graph, opset_imports=index.model.opset_import,
-                            ir_version=index.model.ir_version)
+        [index.initializers[i] for i in sorted(inits)],
+    )
+    sub = helper.make_model(
+        graph, opset_imports=index.model.opset_import, ir_version=index.model.ir_version
+    )
     try:
         from onnx.reference import ReferenceEvaluator
 
@@ -311,8 +344,13 @@ def const_value(index: GraphIndex, name: str,
         return None
 
 
-def set_const_input(index: GraphIndex, node: onnx.NodeProto, position: int, value: np.ndarray,
-                    base: str | None = None) -> str:
+def set_const_input(
+    index: GraphIndex,
+    node: onnx.NodeProto,
+    position: int,
+    value: np.ndarray,
+    base: str | None = None,
+) -> str:
     """Make input ``position`` of ``node`` the constant ``value``; returns the tensor name.
 
     An initializer whose values only this input reads is overwritten in place (its name kept),
@@ -343,8 +381,9 @@ def _sole_reader(index: GraphIndex, name: str, value: np.ndarray) -> bool:
     readers = {id(n): n for n in index.consumers.get(name, [])}.values()
     reads = [(n.op_type, k) for n in readers for k, i in enumerate(n.input) if i == name]
     value_reads = sum(r not in META_INPUTS for r in reads)
-    same = (list(init.dims) == list(value.shape)
-            and init.data_type == helper.np_dtype_to_tensor_dtype(value.dtype))
+    same = list(init.dims) == list(
+        value.shape
+    ) and init.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)
     return value_reads == 1 and (same or len(reads) == 1)
 
 
@@ -402,8 +441,7 @@ def fold_shape_reads(model: onnx.ModelProto, names: Iterable[str]) -> int:
         for node in index.consumers.get(name, []) if value is not None else []:
             if node.op_type == "Shape" and id(node) not in dead:
                 start, end = attr(node, "start", 0), attr(node, "end", None)
-                index.set_initializer(node.output[0],
-                                      np.array(value.shape[start:end], np.int64))
+                index.set_initializer(node.output[0], np.array(value.shape[start:end], np.int64))
                 dead.add(id(node))
     for i in reversed(range(len(model.graph.node))):
         if id(model.graph.node[i]) in dead:

@@ -144,8 +144,10 @@ class WeightQuantizer:
         key = (name, axis)
         if key not in self._done:
             q, scale = quantize_symmetric(self.index.const(name), axis)
-            self._done[key] = (self._dq(name, q, scale, np.zeros(scale.shape, np.int8), axis),
-                               scale)
+            self._done[key] = (
+                self._dq(name, q, scale, np.zeros(scale.shape, np.int8), axis),
+                scale,
+            )
             self.replaced.add(name)
             self.weights.add(name)
         return self._done[key]
@@ -159,17 +161,26 @@ class WeightQuantizer:
         self.replaced.add(name)
         return self._dq(name, q.astype(np.int32), scale.astype(np.float32), None, 0)
 
-    def _dq(self, name: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
-            axis: int | None) -> str:
+    def _dq(
+        self,
+        name: str,
+        q: np.ndarray,
+        scale: np.ndarray,
+        zero_point: np.ndarray | None,
+        axis: int | None,
+    ) -> str:
         idx = self.index
-        inputs = [idx.add_initializer(f"{name}_quantized", q),
-                  idx.add_initializer(f"{name}_scale", scale)]
+        inputs = [
+            idx.add_initializer(f"{name}_quantized", q),
+            idx.add_initializer(f"{name}_scale", scale),
+        ]
         if zero_point is not None:
             inputs.append(idx.add_initializer(f"{name}_zero_point", zero_point))
         out = idx.unique(f"{name}_dequantized")
         attrs = {"axis": axis} if axis is not None and scale.ndim else {}
-        self.nodes.append(idx.make_node("DequantizeLinear", inputs, [out],
-                                        f"{name}_DequantizeLinear", **attrs))
+        self.nodes.append(
+            idx.make_node("DequantizeLinear", inputs, [out], f"{name}_DequantizeLinear", **attrs)
+        )
         return out
 
 
@@ -190,8 +201,9 @@ def weight_axis(node: onnx.NodeProto, rank: int) -> int | None:
     return rank - 1 if rank >= 2 else None  # MatMul x @ W: N is W's last axis
 
 
-def finish(model: onnx.ModelProto, new_nodes: Iterable[onnx.NodeProto],
-           replaced: Iterable[str]) -> None:
+def finish(
+    model: onnx.ModelProto, new_nodes: Iterable[onnx.NodeProto], replaced: Iterable[str]
+) -> None:
     """Insert ``new_nodes``, drop the float constants (and constant chains, such as the
     ``Expand(Shape(W))`` zero bias of torch's exporter) nothing reads any more, re-sort and
     re-infer shapes, in place. ``Shape`` reads of a replaced weight become constants, so they do
@@ -248,8 +260,12 @@ class Plan:
         return list(dict.fromkeys(names))
 
 
-def plan_quantization(model: onnx.ModelProto, keep_float: Sequence[str],
-                      outputs: Sequence[str] = ("Conv",), past_relu: bool = True) -> Plan:
+def plan_quantization(
+    model: onnx.ModelProto,
+    keep_float: Sequence[str],
+    outputs: Sequence[str] = ("Conv",),
+    past_relu: bool = True,
+) -> Plan:
     """Decide which Conv/Gemm/MatMul nodes to quantize and how (no graph change)."""
     index, types, plan = GraphIndex(model), infer_types(model), Plan()
     for node in model.graph.node:
@@ -268,8 +284,7 @@ def plan_quantization(model: onnx.ModelProto, keep_float: Sequence[str],
     return plan
 
 
-def _site(node: onnx.NodeProto, index: GraphIndex,
-          types: dict[str, onnx.TypeProto]) -> Site | str:
+def _site(node: onnx.NodeProto, index: GraphIndex, types: dict[str, onnx.TypeProto]) -> Site | str:
     """The quantization site of ``node``, or the reason it is declined."""
     a, b = node.input[0], node.input[1]
     if node.op_type == "MatMul" and index.is_const(a):
@@ -299,16 +314,21 @@ def _site(node: onnx.NodeProto, index: GraphIndex,
     return site
 
 
-def _output_point(node: onnx.NodeProto, index: GraphIndex, keep_float: Sequence[str],
-                  past_relu: bool) -> str | None:
+def _output_point(
+    node: onnx.NodeProto, index: GraphIndex, keep_float: Sequence[str], past_relu: bool
+) -> str | None:
     """The tensor to quantize after ``node``: its output, or that of a sole Relu/Clip consumer."""
     y = node.output[0]
     consumers = index.consumers.get(y, [])
     if not consumers or y in index.graph_outputs:
         return None
     nxt = consumers[0]
-    if (past_relu and len(consumers) == 1 and nxt.op_type in FUSED_ACTIVATIONS
-            and not matches(nxt, keep_float)):
+    if (
+        past_relu
+        and len(consumers) == 1
+        and nxt.op_type in FUSED_ACTIVATIONS
+        and not matches(nxt, keep_float)
+    ):
         y = nxt.output[0]
     return None if y in index.graph_outputs or not index.consumers.get(y) else y
 
@@ -322,9 +342,11 @@ def default_activation(target: Any) -> tuple[str, str]:
     return "int8", f"target {target.name} ({getattr(target, 'arch', '?')}): int8 symmetric"
 
 
-ORT_NOTE = ("no target: standard QDQ ONNX; ONNX Runtime fuses the Q/DQ groups into integer kernels "
-            "(QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat) at its default "
-            "optimisation level")
+ORT_NOTE = (
+    "no target: standard QDQ ONNX; ONNX Runtime fuses the Q/DQ groups into integer kernels "
+    "(QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat) at its default "
+    "optimisation level"
+)
 
 
 @register("qdq")
@@ -343,9 +365,15 @@ class InsertQDQ:
 
     name = "qdq"
 
-    def __init__(self, method: str = "minmax", percentile: float = 99.99,
-                 activation: str | None = None, keep_float: str | Sequence[str] | None = None,
-                 outputs: bool | str | Sequence[str] = ("Conv",), bins: int = 2048):
+    def __init__(
+        self,
+        method: str = "minmax",
+        percentile: float = 99.99,
+        activation: str | None = None,
+        keep_float: str | Sequence[str] | None = None,
+        outputs: bool | str | Sequence[str] = ("Conv",),
+        bins: int = 2048,
+    ):
         if method not in METHODS:
             raise UserInputError(f"qdq: unknown method {method!r}; choose {', '.join(METHODS)}")
         if not 0 < percentile <= 100:
@@ -359,58 +387,86 @@ class InsertQDQ:
             outputs = QUANTIZED_OPS if outputs else ()
         self.outputs = as_list(outputs)
         if set(self.outputs) - set(QUANTIZED_OPS):
-            raise UserInputError(f"qdq: outputs must list ops among {', '.join(QUANTIZED_OPS)}, "
-                                 f"got {outputs!r}")
+            raise UserInputError(
+                f"qdq: outputs must list ops among {', '.join(QUANTIZED_OPS)}, got {outputs!r}"
+            )
         self.keep_float, self.bins = as_list(keep_float), bins
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
             raise UserInputError(NO_CALIBRATION)
         if opset(model) < MIN_OPSET:
-            raise UserInputError(f"qdq needs ONNX opset >= {MIN_OPSET} (per-channel "
-                                 f"DequantizeLinear); the model imports opset {opset(model)}")
-        act, why = ((self.activation, "option") if self.activation
-                    else default_activation(ctx.target))
+            raise UserInputError(
+                f"qdq needs ONNX opset >= {MIN_OPSET} (per-channel "
+                f"DequantizeLinear); the model imports opset {opset(model)}"
+            )
+        act, why = (
+            (self.activation, "option") if self.activation else default_activation(ctx.target)
+        )
         plan = plan_quantization(model, self.keep_float, self.outputs, act == "uint8")
-        info: dict[str, Any] = {"method": self.method, "declined": plan.declined,
-                                "kept_float": plan.kept_float}
+        info: dict[str, Any] = {
+            "method": self.method,
+            "declined": plan.declined,
+            "kept_float": plan.kept_float,
+        }
         if not plan.sites:
             info["note"] = "no Conv/Gemm/MatMul to quantize"
             return PassResult(model, False, info)
-        seen = observe(model, plan.tensors, ctx.calibration(),
-                       lambda: make_observer(self.method, self.bins))
+        seen = observe(
+            model, plan.tensors, ctx.calibration(), lambda: make_observer(self.method, self.bins)
+        )
         params = {t: self._params(seen.observers[t], act) for t in plan.tensors}
         bytes_before = model.ByteSize()
         rewrite_info = self._rewrite(model, plan, params, act)
         scales = np.array([p["scale"] for p in params.values()])
-        info.update({
-            **({"percentile": self.percentile} if self.method == "percentile" else {}),
-            "activation": f"{act} {'asymmetric' if act == 'uint8' else 'symmetric'} ({why})",
-            "calibration": {"source": ctx.calibration_source or "ctx.calibration",
-                            "samples": seen.samples, "batches": seen.batches},
-            "quantized_nodes": [s.node.name for s in plan.sites],
-            "activation_scales": {"count": len(scales), "min": float(scales.min()),
-                                  "median": float(np.median(scales)),
-                                  "max": float(scales.max())},
-            "activations": params,
-            **rewrite_info,
-            "bytes_before": bytes_before,
-            "bytes_after": model.ByteSize(),
-            "int8_execution": ctx.target.int8_execution if ctx.target is not None else ORT_NOTE,
-        })
-        logger.info("qdq: %d nodes quantized (%s, %s), %d activation tensors, %d -> %d bytes",
-                    len(plan.sites), self.method, act, len(params), bytes_before, model.ByteSize())
+        info.update(
+            {
+                **({"percentile": self.percentile} if self.method == "percentile" else {}),
+                "activation": f"{act} {'asymmetric' if act == 'uint8' else 'symmetric'} ({why})",
+                "calibration": {
+                    "source": ctx.calibration_source or "ctx.calibration",
+                    "samples": seen.samples,
+                    "batches": seen.batches,
+                },
+                "quantized_nodes": [s.node.name for s in plan.sites],
+                "activation_scales": {
+                    "count": len(scales),
+                    "min": float(scales.min()),
+                    "median": float(np.median(scales)),
+                    "max": float(scales.max()),
+                },
+                "activations": params,
+                **rewrite_info,
+                "bytes_before": bytes_before,
+                "bytes_after": model.ByteSize(),
+                "int8_execution": ctx.target.int8_execution if ctx.target is not None else ORT_NOTE,
+            }
+        )
+        logger.info(
+            "qdq: %d nodes quantized (%s, %s), %d activation tensors, %d -> %d bytes",
+            len(plan.sites),
+            self.method,
+            act,
+            len(params),
+            bytes_before,
+            model.ByteSize(),
+        )
         return PassResult(model, True, info)
 
     def _params(self, observer: Any, act: str) -> dict[str, Any]:
         unsigned = act == "uint8" and observer.range()[0] >= 0  # all 256 levels on [0, hi]
         lo, hi = calibrated_range(observer, self.method, self.percentile, 256 if unsigned else 128)
         scale, zero_point = activation_qparams(lo, hi, act)
-        return {"scale": scale, "zero_point": zero_point, "range": [lo, hi],
-                "observed": list(observer.range())}
+        return {
+            "scale": scale,
+            "zero_point": zero_point,
+            "range": [lo, hi],
+            "observed": list(observer.range()),
+        }
 
-    def _rewrite(self, model: onnx.ModelProto, plan: Plan, params: dict[str, dict[str, Any]],
-                 act: str) -> dict[str, Any]:
+    def _rewrite(
+        self, model: onnx.ModelProto, plan: Plan, params: dict[str, dict[str, Any]], act: str
+    ) -> dict[str, Any]:
         """Insert the weight DQs, int32 biases and activation Q/DQ pairs, in place."""
         index = GraphIndex(model)
         weights = WeightQuantizer(index)
@@ -424,7 +480,8 @@ class InsertQDQ:
             if site.bias is not None:
                 b_slot, b_name, value = site.bias
                 bias_dq = weights.dequantized_bias(
-                    b_name, value, np.float32(params[site.activations[0]]["scale"]) * w_scale)
+                    b_name, value, np.float32(params[site.activations[0]]["scale"]) * w_scale
+                )
                 if bias_dq is None:
                     float_bias.append(node.name)
                 else:
@@ -436,13 +493,17 @@ class InsertQDQ:
             s = index.add_initializer(f"{t}_scale", np.array(p["scale"], np.float32))
             z = index.add_initializer(f"{t}_zero_point", np.array(p["zero_point"], dtype))
             q, dq_of[t] = index.unique(f"{t}_quantized"), index.unique(f"{t}_dequantized")
-            qdq_nodes += [index.make_node("QuantizeLinear", [t, s, z], [q], f"{t}_QuantizeLinear"),
-                          index.make_node("DequantizeLinear", [q, s, z], [dq_of[t]],
-                                          f"{t}_DequantizeLinear")]
+            qdq_nodes += [
+                index.make_node("QuantizeLinear", [t, s, z], [q], f"{t}_QuantizeLinear"),
+                index.make_node("DequantizeLinear", [q, s, z], [dq_of[t]], f"{t}_DequantizeLinear"),
+            ]
         for node in model.graph.node:
             if not matches(node, self.keep_float):
                 node.input[:] = [dq_of.get(i, i) for i in node.input]
         finish(model, weights.nodes + qdq_nodes, weights.replaced)
         still = {t.name for t in model.graph.initializer}
-        return {"weights_quantized": len(weights.weights), "float_bias": float_bias,
-                "float_weights_kept": sorted(weights.weights & still)}
+        return {
+            "weights_quantized": len(weights.weights),
+            "float_bias": float_bias,
+            "float_weights_kept": sorted(weights.weights & still),
+        }

@@ -72,9 +72,15 @@ class PruneChannels:
         use_bn: scale importance by ``|gamma|`` of a BatchNorm right after the producer.
     """
 
-    def __init__(self, ratio: float = 0.3, criterion: str = "l1",
-                 overrides: Mapping[str, float] | None = None, round_to: int = 1,
-                 skip: Iterable[str] = (), use_bn: bool = True):
+    def __init__(
+        self,
+        ratio: float = 0.3,
+        criterion: str = "l1",
+        overrides: Mapping[str, float] | None = None,
+        round_to: int = 1,
+        skip: Iterable[str] = (),
+        use_bn: bool = True,
+    ):
         self.overrides = dict(overrides or {})
         for name, value in [("ratio", ratio), *self.overrides.items()]:
             if not 0 <= float(value) < 1:
@@ -102,14 +108,25 @@ class PruneChannels:
                 continue  # nothing produces these channels (e.g. the graph input's)
             if not group.prunable:
                 reason = "; ".join(group.reasons[:3])
-                logger.info("prune: group %d (%s) left whole: %s", group.id,
-                            ", ".join(group.sources), reason)
-                info["declined"].append({"group": group.id, "sources": group.sources,
-                                         "reason": reason})
+                logger.info(
+                    "prune: group %d (%s) left whole: %s",
+                    group.id,
+                    ", ".join(group.sources),
+                    reason,
+                )
+                info["declined"].append(
+                    {"group": group.id, "sources": group.sources, "reason": reason}
+                )
                 continue
             kept = self._select(group, analysis, values)
-            info["groups"].append({"group": group.id, "sources": group.sources,
-                                   "kept": int(kept.sum()), "total": group.n_atoms})
+            info["groups"].append(
+                {
+                    "group": group.id,
+                    "sources": group.sources,
+                    "kept": int(kept.sum()),
+                    "total": group.n_atoms,
+                }
+            )
             if not kept.all():
                 for name, atoms in group.atoms.items():
                     mask = kept[atoms]
@@ -119,8 +136,11 @@ class PruneChannels:
         if keep:
             self._rewrite(model, index, analysis, values, keep)
         macs_after = graph_stats(model)["macs"] if keep else macs_before
-        info.update(macs_before=macs_before, macs_after=macs_after,
-                    mac_reduction=1 - macs_after / macs_before if macs_before else 0.0)
+        info.update(
+            macs_before=macs_before,
+            macs_after=macs_after,
+            mac_reduction=1 - macs_after / macs_before if macs_before else 0.0,
+        )
         logger.info("prune: MACs %d -> %d", macs_before, macs_after)
         return PassResult(model, bool(keep), info)
 
@@ -128,8 +148,9 @@ class PruneChannels:
         ratios = [self.overrides[s] for s in group.sources if s in self.overrides]
         return float(min(ratios)) if ratios else self.ratio
 
-    def _select(self, group: ChannelGroup, analysis: ChannelAnalysis,
-                values: _Values) -> np.ndarray:
+    def _select(
+        self, group: ChannelGroup, analysis: ChannelAnalysis, values: _Values
+    ) -> np.ndarray:
         """Boolean mask over the group's atoms: which stay."""
         n = group.n_atoms
         score = np.zeros(n)
@@ -162,8 +183,13 @@ class PruneChannels:
         return kept
 
     @staticmethod
-    def _rewrite(model: onnx.ModelProto, index: GraphIndex, analysis: ChannelAnalysis,
-                 values: _Values, keep: dict[str, np.ndarray]) -> None:
+    def _rewrite(
+        model: onnx.ModelProto,
+        index: GraphIndex,
+        analysis: ChannelAnalysis,
+        values: _Values,
+        keep: dict[str, np.ndarray],
+    ) -> None:
         """Slice every constant, attribute and shape input indexed by a shrunk space."""
         nodes = list(model.graph.node)
         changed: dict[tuple[int, int], np.ndarray] = {}
@@ -190,8 +216,13 @@ class PruneChannels:
                 if si.position is not None:
                     value[si.position] = len(keep[si.space])
                 orphaned.add(nodes[si.node].input[si.input])
-                set_const_input(index, nodes[si.node], si.input, np.array(value, np.int64),
-                                f"{nodes[si.node].name or 'shape'}_target")
+                set_const_input(
+                    index,
+                    nodes[si.node],
+                    si.input,
+                    np.array(value, np.int64),
+                    f"{nodes[si.node].name or 'shape'}_target",
+                )
         remove_if_unused(model, orphaned | remove_dead_nodes(model, orphaned))
         refresh_shapes(model)
 
@@ -199,8 +230,9 @@ class PruneChannels:
 class _Values:
     """Constant inputs of the analysed nodes, read once."""
 
-    def __init__(self, index: GraphIndex, types: dict[str, onnx.TypeProto],
-                 analysis: ChannelAnalysis):
+    def __init__(
+        self, index: GraphIndex, types: dict[str, onnx.TypeProto], analysis: ChannelAnalysis
+    ):
         self.index, self.types, self.analysis = index, types, analysis
         self.nodes = list(index.graph.node)
         self._cache: dict[tuple[int, int], np.ndarray] = {}

@@ -56,8 +56,9 @@ def _axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
     return weight_axis(node, rank)
 
 
-def find_weights(model: onnx.ModelProto, skip: Sequence[str], min_size: int
-                 ) -> tuple[list[tuple[onnx.NodeProto, int, str]], list[dict[str, str]]]:
+def find_weights(
+    model: onnx.ModelProto, skip: Sequence[str], min_size: int
+) -> tuple[list[tuple[onnx.NodeProto, int, str]], list[dict[str, str]]]:
     """The ``(node, input slot, weight)`` to quantize and the declined ones (analysis only)."""
     index = GraphIndex(model)
     found, declined = [], []
@@ -67,13 +68,21 @@ def find_weights(model: onnx.ModelProto, skip: Sequence[str], min_size: int
         if matches(node, skip):
             declined.append({"node": node.name, "op": node.op_type, "reason": "in skip"})
             continue
-        slots = [s for s in WEIGHT_SLOTS[node.op_type]
-                 if s < len(node.input) and node.input[s] and index.is_const(node.input[s])]
+        slots = [
+            s
+            for s in WEIGHT_SLOTS[node.op_type]
+            if s < len(node.input) and node.input[s] and index.is_const(node.input[s])
+        ]
         if node.op_type == "MatMul":
             slots = slots[-1:]  # x @ W, or W @ x when only the first operand is constant
         if not slots:
-            declined.append({"node": node.name, "op": node.op_type, "reason":
-                             computed_weight(index, node.input[1]) or "no constant weight"})
+            declined.append(
+                {
+                    "node": node.name,
+                    "op": node.op_type,
+                    "reason": computed_weight(index, node.input[1]) or "no constant weight",
+                }
+            )
         for slot in slots:
             name = node.input[slot]
             reason = _decline(name, index, min_size)
@@ -82,14 +91,23 @@ def find_weights(model: onnx.ModelProto, skip: Sequence[str], min_size: int
             else:
                 found.append((node, slot, name))
     targets = {(n.name, name) for n, _, name in found}
-    shared = {name for _, _, name in found
-              if any((c.name, name) not in targets for c in value_consumers(index, name))}
+    shared = {
+        name
+        for _, _, name in found
+        if any((c.name, name) not in targets for c in value_consumers(index, name))
+    }
     for node, _, name in found:
         if name in shared:
-            others = sorted({c.name for c in value_consumers(index, name)
-                             if (c.name, name) not in targets})
-            declined.append({"node": node.name, "op": node.op_type,
-                             "reason": f"weight {name!r} is also read by {', '.join(others)}"})
+            others = sorted(
+                {c.name for c in value_consumers(index, name) if (c.name, name) not in targets}
+            )
+            declined.append(
+                {
+                    "node": node.name,
+                    "op": node.op_type,
+                    "reason": f"weight {name!r} is also read by {', '.join(others)}",
+                }
+            )
     return [f for f in found if f[2] not in shared], declined
 
 
@@ -125,18 +143,27 @@ class QuantizeDynamic:
             info["bytes_after"] = info["bytes_before"]
             return PassResult(model, False, info)
         if opset(model) < MIN_OPSET:
-            raise UserInputError(f"dynamic-quant needs ONNX opset >= {MIN_OPSET} (per-channel "
-                                 f"DequantizeLinear); the model imports opset {opset(model)}")
+            raise UserInputError(
+                f"dynamic-quant needs ONNX opset >= {MIN_OPSET} (per-channel "
+                f"DequantizeLinear); the model imports opset {opset(model)}"
+            )
         index = GraphIndex(model)
         weights = WeightQuantizer(index)
         for node, slot, name in found:
             axis = _axis(node, slot, index.const(name).ndim)
             node.input[slot] = weights.dequantized(name, axis)[0]
         finish(model, weights.nodes, weights.replaced)
-        info.update({"quantized": [{"node": n.name, "op": n.op_type, "weight": w}
-                                   for n, _, w in found],
-                     "bytes_after": model.ByteSize()})
+        info.update(
+            {
+                "quantized": [{"node": n.name, "op": n.op_type, "weight": w} for n, _, w in found],
+                "bytes_after": model.ByteSize(),
+            }
+        )
         info["ratio"] = info["bytes_after"] / info["bytes_before"]
-        logger.info("dynamic-quant: %d weights to int8, %d -> %d bytes", len(weights.weights),
-                    info["bytes_before"], info["bytes_after"])
+        logger.info(
+            "dynamic-quant: %d weights to int8, %d -> %d bytes",
+            len(weights.weights),
+            info["bytes_before"],
+            info["bytes_after"],
+        )
         return PassResult(model, True, info)

@@ -66,14 +66,18 @@ class Sparsify:
         changed = {n for n, v in new.items() if not np.array_equal(v, weights[n][0])}
         total = sum(v.size for v in new.values())
         info: dict[str, Any] = {
-            "note": NOTE, "amount": self.amount, "scope": self.scope,
+            "note": NOTE,
+            "amount": self.amount,
+            "scope": self.scope,
             "achieved_sparsity": sum(int((v == 0).sum()) for v in new.values()) / total
-            if total else 0.0,
+            if total
+            else 0.0,
             "layers": {n: float((v == 0).mean()) for n, v in new.items()},
             "declined": declined,
         }
-        logger.info("sparsify: %.1f%% of %d weights zero (%s)",
-                    100 * info["achieved_sparsity"], total, NOTE)
+        logger.info(
+            "sparsify: %.1f%% of %d weights zero (%s)", 100 * info["achieved_sparsity"], total, NOTE
+        )
         orphaned = set()
         for name in sorted(changed):
             if name in index.initializers and name not in index.graph_inputs:
@@ -112,28 +116,32 @@ class Sparsify:
             return "the weight is not constant"
         if not np.issubdtype(value.dtype, np.floating):
             return f"the weight is {value.dtype}, not floating point"
-        others = [r.name or r.op_type for r in value_consumers(index, name)
-                  if r.op_type not in WEIGHT_OPS or list(r.input).index(name) != 1
-                  or r.name in self.skip]
+        others = [
+            r.name or r.op_type
+            for r in value_consumers(index, name)
+            if r.op_type not in WEIGHT_OPS or list(r.input).index(name) != 1 or r.name in self.skip
+        ]
         return f"the weight is also read by {', '.join(others)}" if others else None
 
     def _sparsify(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The weights with the smallest magnitudes zeroed, per layer or globally."""
         if self.scope == "layer":
             return {n: _zero_smallest([w], self.amount)[0] for n, w in weights.items()}
-        return dict(zip(weights, _zero_smallest(list(weights.values()), self.amount),
-                        strict=True))
+        return dict(zip(weights, _zero_smallest(list(weights.values()), self.amount), strict=True))
 
 
 def _zero_smallest(arrays: list[np.ndarray], amount: float) -> list[np.ndarray]:
     """Zero the ``floor(amount * N)`` smallest-magnitude entries over all ``arrays``."""
-    flat = np.concatenate([np.abs(a.astype(np.float64)).ravel() for a in arrays]) \
-        if arrays else np.zeros(0)
+    flat = (
+        np.concatenate([np.abs(a.astype(np.float64)).ravel() for a in arrays])
+        if arrays
+        else np.zeros(0)
+    )
     k = math.floor(amount * flat.size + 1e-9)
     mask = np.ones(flat.size, bool)
     mask[np.argsort(flat, kind="stable")[:k]] = False
     out, start = [], 0
     for a in arrays:
-        out.append(np.where(mask[start:start + a.size].reshape(a.shape), a, 0).astype(a.dtype))
+        out.append(np.where(mask[start : start + a.size].reshape(a.shape), a, 0).astype(a.dtype))
         start += a.size
     return out

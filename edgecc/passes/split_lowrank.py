@@ -107,8 +107,9 @@ def gram_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return u, s, v.T
 
 
-def choose_rank(s: np.ndarray, k: int, n: int, rank: int | None, ratio: float | None,
-                energy: float | None) -> int:
+def choose_rank(
+    s: np.ndarray, k: int, n: int, rank: int | None, ratio: float | None, energy: float | None
+) -> int:
     """The rank for singular values ``s`` of a ``k x n`` matrix (see module docstring)."""
     full = min(k, n)
     if rank is not None:
@@ -120,8 +121,9 @@ def choose_rank(s: np.ndarray, k: int, n: int, rank: int | None, ratio: float | 
     return min(full, int(np.searchsorted(cum, energy - ENERGY_TOLERANCE)) + 1)
 
 
-def find_layers(model: onnx.ModelProto, skip: Sequence[str], min_size: int
-                ) -> tuple[dict[str, list[Layer]], list[dict[str, str]]]:
+def find_layers(
+    model: onnx.ModelProto, skip: Sequence[str], min_size: int
+) -> tuple[dict[str, list[Layer]], list[dict[str, str]]]:
     """The splittable layers grouped by weight, and the declined ones with reasons.
 
     Analysis only: the graph is not changed.
@@ -144,20 +146,27 @@ def find_layers(model: onnx.ModelProto, skip: Sequence[str], min_size: int
         names = {g.node.name for g in group}
         others = [c.name for c in value_consumers(index, weight) if c.name not in names]
         layouts = {g.layout for g in group}
-        reason = (f"weight {weight!r} is also read by {', '.join(others)}" if others
-                  else f"weight {weight!r} is shared by layers of different layouts"
-                  if len(layouts) > 1 else f"weight {weight!r} is a graph output"
-                  if weight in index.graph_outputs else None)
+        reason = (
+            f"weight {weight!r} is also read by {', '.join(others)}"
+            if others
+            else f"weight {weight!r} is shared by layers of different layouts"
+            if len(layouts) > 1
+            else f"weight {weight!r} is a graph output"
+            if weight in index.graph_outputs
+            else None
+        )
         if reason is None:
             kept[weight] = group
         else:
-            declined += [{"node": g.node.name, "op": g.node.op_type, "reason": reason}
-                         for g in group]
+            declined += [
+                {"node": g.node.name, "op": g.node.op_type, "reason": reason} for g in group
+            ]
     return kept, declined
 
 
-def _layer(node: onnx.NodeProto, index: GraphIndex, skip: Sequence[str],
-           min_size: int) -> Layer | str:
+def _layer(
+    node: onnx.NodeProto, index: GraphIndex, skip: Sequence[str], min_size: int
+) -> Layer | str:
     """The layer for ``node``, or why it is declined."""
     if matches(node, skip):
         return "in skip"
@@ -197,14 +206,21 @@ class SplitLowRank:
 
     name = "lowrank"
 
-    def __init__(self, rank: int | None = None, ratio: float | None = None,
-                 energy: float | None = None, min_size: int = 0,
-                 skip: str | Sequence[str] | None = None):
-        given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy))
-                 if v is not None}
+    def __init__(
+        self,
+        rank: int | None = None,
+        ratio: float | None = None,
+        energy: float | None = None,
+        min_size: int = 0,
+        skip: str | Sequence[str] | None = None,
+    ):
+        given = {
+            k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None
+        }
         if len(given) > 1:
             raise UserInputError(
-                f"lowrank: give one of rank, ratio, energy (got {', '.join(given)})")
+                f"lowrank: give one of rank, ratio, energy (got {', '.join(given)})"
+            )
         if not given:
             energy = DEFAULT_ENERGY
         if rank is not None and (not isinstance(rank, int) or rank < 1):
@@ -230,8 +246,9 @@ class SplitLowRank:
         for group in groups.values():
             split = self._factor(group[0], index)
             if isinstance(split, str):
-                declined += [{"node": g.node.name, "op": g.node.op_type, "reason": split}
-                             for g in group]
+                declined += [
+                    {"node": g.node.name, "op": g.node.op_type, "reason": split} for g in group
+                ]
                 continue
             (first, second), row = split
             report.append({**row, "nodes": [g.node.name for g in group]})
@@ -240,20 +257,31 @@ class SplitLowRank:
         info: dict[str, Any] = {"option": self.option(), "layers": report, "declined": declined}
         if not replacements:
             return PassResult(model, False, info)
-        orphans = {i for group in groups.values() for g in group
-                   if g.node.name in replacements for i in g.node.input}
+        orphans = {
+            i
+            for group in groups.values()
+            for g in group
+            if g.node.name in replacements
+            for i in g.node.input
+        }
         _replace_nodes(model, replacements)
         fold_shape_reads(model, groups)
         remove_if_unused(model, orphans | remove_dead_nodes(model, orphans))
         info["params_before"] = sum(r["params_before"] for r in report)
         info["params_after"] = sum(r["params_after"] for r in report)
-        logger.info("lowrank(%s): split %d weights, %d -> %d parameters", self.option(),
-                    len(report), info["params_before"], info["params_after"])
+        logger.info(
+            "lowrank(%s): split %d weights, %d -> %d parameters",
+            self.option(),
+            len(report),
+            info["params_before"],
+            info["params_after"],
+        )
         refresh_shapes(model)
         return PassResult(model, True, info)
 
-    def _factor(self, layer: Layer, index: GraphIndex
-                ) -> tuple[tuple[str, str], dict[str, Any]] | str:
+    def _factor(
+        self, layer: Layer, index: GraphIndex
+    ) -> tuple[tuple[str, str], dict[str, Any]] | str:
         """Add the two factors of ``layer``'s weight; their names and a report row, or why not."""
         w = index.const(layer.weight)
         m = layer.matrix(w)
@@ -263,8 +291,7 @@ class SplitLowRank:
             return f"weight {layer.weight!r} is all zeros"
         r = choose_rank(s, k, n, self.rank, self.ratio, self.energy)
         if r * (k + n) >= k * n:
-            return (f"rank {r} saves nothing: r(K+N) = {r * (k + n)} >= KN = {k * n} "
-                    f"(K={k}, N={n})")
+            return f"rank {r} saves nothing: r(K+N) = {r * (k + n)} >= KN = {k * n} (K={k}, N={n})"
         root = np.sqrt(s[:r])
         a = (u[:, :r] * root).astype(w.dtype)  # K x r
         b = (root[:, None] * vt[:r]).astype(w.dtype)  # r x N
@@ -274,17 +301,26 @@ class SplitLowRank:
         elif layer.layout == "conv":
             a = a.T.reshape(r, *w.shape[1:])
             b = b.T.reshape(w.shape[0], r, *([1] * (w.ndim - 2)))
-        names = (index.add_initializer(f"{layer.weight}_lowrank_a", a),
-                 index.add_initializer(f"{layer.weight}_lowrank_b", b))
-        row = {"weight": layer.weight, "shape": [k, n], "rank": r, "full_rank": min(k, n),
-               "params_before": k * n, "params_after": r * (k + n),
-               "energy_kept": float(np.sum(s[:r] ** 2) / np.sum(s**2)),
-               "rel_error": float(error)}
+        names = (
+            index.add_initializer(f"{layer.weight}_lowrank_a", a),
+            index.add_initializer(f"{layer.weight}_lowrank_b", b),
+        )
+        row = {
+            "weight": layer.weight,
+            "shape": [k, n],
+            "rank": r,
+            "full_rank": min(k, n),
+            "params_before": k * n,
+            "params_after": r * (k + n),
+            "energy_kept": float(np.sum(s[:r] ** 2) / np.sum(s**2)),
+            "rel_error": float(error),
+        }
         return names, row
 
 
-def _split_nodes(layer: Layer, first: str, second: str, index: GraphIndex,
-                 types: dict[str, onnx.TypeProto]) -> list[onnx.NodeProto]:
+def _split_nodes(
+    layer: Layer, first: str, second: str, index: GraphIndex, types: dict[str, onnx.TypeProto]
+) -> list[onnx.NodeProto]:
     """The two nodes replacing ``layer.node``, reading the factors ``first`` and ``second``.
 
     A bias computed from constants (torch writes ``Expand(Shape(W))`` zeros for bias-free
@@ -300,19 +336,32 @@ def _split_nodes(layer: Layer, first: str, second: str, index: GraphIndex,
             rest = [index.add_initializer(f"{node.name}_bias", value)]
     names = (f"{node.name}_lowrank_1", f"{node.name}_lowrank_2")
     if node.op_type == "MatMul":
-        return [index.make_node("MatMul", [x, first], [mid], names[0]),
-                index.make_node("MatMul", [mid, second], [y], names[1])]
+        return [
+            index.make_node("MatMul", [x, first], [mid], names[0]),
+            index.make_node("MatMul", [mid, second], [y], names[1]),
+        ]
     if node.op_type == "Gemm":
         trans_b = attr(node, "transB", 0)
-        return [index.make_node("Gemm", [x, first], [mid], names[0],
-                                transA=attr(node, "transA", 0), transB=trans_b),
-                index.make_node("Gemm", [mid, second, *rest], [y], names[1], transB=trans_b,
-                                alpha=attr(node, "alpha", 1.0), beta=attr(node, "beta", 1.0))]
+        return [
+            index.make_node(
+                "Gemm", [x, first], [mid], names[0], transA=attr(node, "transA", 0), transB=trans_b
+            ),
+            index.make_node(
+                "Gemm",
+                [mid, second, *rest],
+                [y],
+                names[1],
+                transB=trans_b,
+                alpha=attr(node, "alpha", 1.0),
+                beta=attr(node, "beta", 1.0),
+            ),
+        ]
     conv = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     spatial = index.const(layer.weight).ndim - 2
-    return [index.make_node("Conv", [x, first], [mid], names[0], **conv),
-            index.make_node("Conv", [mid, second, *rest], [y], names[1],
-                            kernel_shape=[1] * spatial)]
+    return [
+        index.make_node("Conv", [x, first], [mid], names[0], **conv),
+        index.make_node("Conv", [mid, second, *rest], [y], names[1], kernel_shape=[1] * spatial),
+    ]
 
 
 def _replace_nodes(model: onnx.ModelProto, replacements: dict[str, list[onnx.NodeProto]]) -> None:

@@ -83,8 +83,10 @@ def run_library(
     with tempfile.TemporaryDirectory(prefix="edgecc-run-") as work:
         outputs = _call_runner(library, target, inputs, Path(work), progress=progress)
     if len(outputs) != len(output_names):
-        raise EdgeccError(f"{Path(library).name} returned {len(outputs)} outputs, expected "
-                          f"{len(output_names)} ({', '.join(output_names)})")
+        raise EdgeccError(
+            f"{Path(library).name} returned {len(outputs)} outputs, expected "
+            f"{len(output_names)} ({', '.join(output_names)})"
+        )
     return dict(zip(output_names, outputs, strict=True))
 
 
@@ -108,8 +110,15 @@ def _call_runner(
     device = "cuda" if target.device == "cuda" else "cpu"
     feeds, results = work / "inputs.npz", work / "outputs.npz"
     np.savez(feeds, **{name: np.ascontiguousarray(a) for name, a in inputs.items()})
-    cmd = [*command, str(RUNNER), str(Path(library).resolve()), str(feeds), str(results), device,
-           *options]
+    cmd = [
+        *command,
+        str(RUNNER),
+        str(Path(library).resolve()),
+        str(feeds),
+        str(results),
+        device,
+        *options,
+    ]
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=base_env)
     if proc.returncode != 0:
@@ -119,14 +128,17 @@ def _call_runner(
         return [data[f"out{i}"] for i in range(len(data.files))]
 
 
-def _launcher(target: Target, progress: Callable[[str], None] | None
-              ) -> tuple[list[str], dict[str, str] | None]:
+def _launcher(
+    target: Target, progress: Callable[[str], None] | None
+) -> tuple[list[str], dict[str, str] | None]:
     """The interpreter command (and environment) that can load ``target``'s libraries here."""
     here = host_arch()
     if target.device == "cuda":
         if here != target.arch or not has_cuda_device():
-            raise ToolchainError(f"package targets CUDA ({target.name}); no CUDA device on this "
-                                 "machine: copy it to the board")
+            raise ToolchainError(
+                f"package targets CUDA ({target.name}); no CUDA device on this "
+                "machine: copy it to the board"
+            )
         return [sys.executable], None
     if target.arch == here:
         return [sys.executable], None

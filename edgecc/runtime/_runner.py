@@ -16,8 +16,10 @@ quartiles and IQR in milliseconds, and the TVM runtime's thread count (TVM reads
 
 import sys
 
-USAGE = ("usage: _runner.py library.so inputs.npz outputs.npz [cpu|cuda] "
-         "[--repeat N --warmup W --timings timings.json]")
+USAGE = (
+    "usage: _runner.py library.so inputs.npz outputs.npz [cpu|cuda] "
+    "[--repeat N --warmup W --timings timings.json]"
+)
 OPTIONS = {"--repeat": int, "--warmup": int, "--timings": str}
 
 
@@ -75,10 +77,20 @@ def _time(vm, device, device_kind, args, repeat, warmup):
     result = vm.time_evaluator("main", device, number=1, repeat=repeat)(*args)
     times = [float(t) * 1e3 for t in result.results]
     q1, median, q3 = (float(q) for q in np.percentile(times, [25, 50, 75]))
-    return {"repeat": repeat, "warmup": warmup, "threads": int(tvm.runtime.num_threads()),
-            "device": device_kind, "median_ms": median, "q1_ms": q1, "q3_ms": q3,
-            "iqr_ms": q3 - q1, "min_ms": min(times), "max_ms": max(times),
-            "mean_ms": float(np.mean(times)), "times_ms": times}
+    return {
+        "repeat": repeat,
+        "warmup": warmup,
+        "threads": int(tvm.runtime.num_threads()),
+        "device": device_kind,
+        "median_ms": median,
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "iqr_ms": q3 - q1,
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "mean_ms": float(np.mean(times)),
+        "times_ms": times,
+    }
 
 
 def main(argv):

@@ -61,15 +61,19 @@ def benchmark_library(
         EdgeccError: the run failed.
     """
     if repeat < 1 or warmup < 0 or (threads is not None and threads < 1):
-        raise UserInputError(f"benchmark needs repeat >= 1, warmup >= 0 and threads >= 1 "
-                             f"(got repeat={repeat}, warmup={warmup}, threads={threads})")
+        raise UserInputError(
+            f"benchmark needs repeat >= 1, warmup >= 0 and threads >= 1 "
+            f"(got repeat={repeat}, warmup={warmup}, threads={threads})"
+        )
     env = {"TVM_NUM_THREADS": str(threads)} if threads is not None else None
     with tempfile.TemporaryDirectory(prefix="edgecc-bench-") as work:
         timings_path = Path(work) / "timings.json"
-        options = ["--repeat", str(repeat), "--warmup", str(warmup),
-                   "--timings", str(timings_path)]
+        options = ["--repeat", str(repeat), "--warmup", str(warmup), "--timings", str(timings_path)]
         outputs = _call_runner(Path(library), target, inputs, Path(work), options, env, progress)
         timings: dict[str, Any] = json.loads(timings_path.read_text())
-    timings.update(target=target.name, outputs=len(outputs),
-                   emulated=target.device != "cuda" and target.arch != host_arch())
+    timings.update(
+        target=target.name,
+        outputs=len(outputs),
+        emulated=target.device != "cuda" and target.arch != host_arch(),
+    )
     return timings

@@ -43,14 +43,32 @@ MARKER = "edgecc-emulator.json"
 PYTHON = "usr/bin/python3.11"
 
 DEBS = (
-    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libexpat1",
-    "zlib1g", "libffi8", "libssl3", "libstdc++6", "libgcc-s1", "libbz2-1.0", "liblzma5",
-    "libsqlite3-0", "libncursesw6", "libtinfo6", "libreadline8", "libuuid1", "libcrypt1",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "libexpat1",
+    "zlib1g",
+    "libffi8",
+    "libssl3",
+    "libstdc++6",
+    "libgcc-s1",
+    "libbz2-1.0",
+    "liblzma5",
+    "libsqlite3-0",
+    "libncursesw6",
+    "libtinfo6",
+    "libreadline8",
+    "libuuid1",
+    "libcrypt1",
     "libdb5.3",
 )
 # The runtime must match the compiler that built the library (same TVM and tvm-ffi releases).
 WHEELS = (
-    "apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes",
+    "apache-tvm==0.27.0.post1",
+    "apache-tvm-ffi==0.1.14.post1",
+    "numpy",
+    "ml_dtypes",
     "typing_extensions",
 )
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
@@ -78,7 +96,8 @@ def qemu_binary() -> str:
     if not qemu:
         raise ToolchainError(
             "qemu-aarch64 not found: install the Debian package qemu-user "
-            "(apt-get install qemu-user) to run aarch64 packages on this machine")
+            "(apt-get install qemu-user) to run aarch64 packages on this machine"
+        )
     return qemu
 
 
@@ -104,8 +123,9 @@ def prepare_emulator(progress: Progress = None) -> Path:
     qemu_binary()
     for tool in ("apt-get", "dpkg"):
         if not shutil.which(tool):
-            raise ToolchainError(f"{tool} not found: preparing the aarch64 emulator needs a "
-                                 "Debian-based host")
+            raise ToolchainError(
+                f"{tool} not found: preparing the aarch64 emulator needs a Debian-based host"
+            )
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f"{CACHE_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -129,8 +149,12 @@ def _build(root: Path, progress: Progress) -> None:
         _fetch_sysroot(staging, progress)
         _fetch_site(staging, progress)
         wheels = sorted(p.name for p in (staging / "wheels").iterdir())
-        info = {"debs": list(DEBS), "wheels": wheels, "python": PYTHON,
-                "seconds": round(time.monotonic() - start, 1)}
+        info = {
+            "debs": list(DEBS),
+            "wheels": wheels,
+            "python": PYTHON,
+            "seconds": round(time.monotonic() - start, 1),
+        }
         shutil.rmtree(staging / "wheels")
         shutil.rmtree(staging / "debs")
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -148,17 +172,22 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-        raise ToolchainError(f"preparing the aarch64 emulator: {Path(cmd[0]).name} failed: "
-                             f"{lines[-1]}")
+        raise ToolchainError(
+            f"preparing the aarch64 emulator: {Path(cmd[0]).name} failed: {lines[-1]}"
+        )
 
 
 def _fetch_sysroot(staging: Path, progress: Progress) -> None:
     apt_state = staging / "apt"
     (apt_state / "lists" / "partial").mkdir(parents=True)
     (apt_state / "cache" / "archives" / "partial").mkdir(parents=True)
-    opts = ["-oAPT::Architecture=arm64", "-oAPT::Architectures=arm64",
-            f"-oDir::State::Lists={apt_state / 'lists'}", f"-oDir::Cache={apt_state / 'cache'}",
-            "-q"]
+    opts = [
+        "-oAPT::Architecture=arm64",
+        "-oAPT::Architectures=arm64",
+        f"-oDir::State::Lists={apt_state / 'lists'}",
+        f"-oDir::Cache={apt_state / 'cache'}",
+        "-q",
+    ]
     _say(progress, "emulator: apt-get update (arm64 package lists)")
     _run(["apt-get", *opts, "update"])
     debs = staging / "debs"
@@ -176,8 +205,20 @@ def _fetch_sysroot(staging: Path, progress: Progress) -> None:
 def _fetch_site(staging: Path, progress: Progress) -> None:
     wheels = staging / "wheels"
     _say(progress, "emulator: downloading aarch64 wheels (" + ", ".join(WHEELS) + ")")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.11", "--implementation", "cp", "--dest", str(wheels)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--dest",
+        str(wheels),
+    ]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     _run(cmd + list(WHEELS))
@@ -201,8 +242,9 @@ def emulated_python(root: Path) -> tuple[list[str], dict[str, str]]:
         raise EdgeccError(f"aarch64 emulator cache {root} is incomplete; call prepare_emulator()")
     sysroot = root / "sysroot"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "QEMU_"))}
-    env.update({"PYTHONPATH": str(root / "site"), "PYTHONNOUSERSITE": "1",
-                "PYTHONDONTWRITEBYTECODE": "1"})
+    env.update(
+        {"PYTHONPATH": str(root / "site"), "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    )
     return [qemu_binary(), "-L", str(sysroot), str(sysroot / PYTHON)], env
 
 
