@@ -319,3 +319,53 @@ def test_probe_file_is_the_reference_input(
     )
     _assert_user_error(code, err, EXIT_USER, "probe array 'x' has shape [1, 3, 9, 9]")
     assert not (tmp_path / "pkg2").exists()
+
+
+def test_dump_files_load_and_rows_agree_with_graphs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgecc.report.metrics import graph_stats
+
+    dumps = tmp_path / "dumps"
+    code, _, err = _cli(
+        capsys,
+        "-q",
+        "compile",
+        EXAMPLE,
+        "--input-shape",
+        SHAPE,
+        "--passes",
+        "fold-bn,prune(ratio=0.3)",
+        "--dump-dir",
+        dumps,
+        "--time-passes",
+        "-o",
+        tmp_path / "pkg",
+    )
+    assert code == 0, err
+    rows = json.loads((dumps / "summary.json").read_text())
+    steps = [
+        "000_input",
+        "001_fold-constants",
+        "002_remove-identity",
+        "003_eliminate-dead",
+        "004_fold-bn",
+        "005_prune",
+    ]
+    assert [r["step"] for r in rows] == steps
+    assert (dumps / "summary.tsv").read_text().splitlines()[0].startswith("step\tpass")
+    for row in rows:
+        model = onnx.load(str(dumps / f"{row['step']}.onnx"))
+        onnx.checker.check_model(model)
+        stats = graph_stats(model)
+        assert (row["nodes"], row["params"], row["macs"]) == (
+            len(model.graph.node),
+            stats["params"],
+            stats["macs"],
+        )
+        assert (dumps / f"{row['step']}.txt").read_text().count("\n") > row["nodes"]
+    by_step = {r["step"]: r for r in rows}
+    assert by_step["004_fold-bn"]["cosine"] > 0.999999  # exact
+    assert by_step["005_prune"]["macs"] < 0.75 * by_step["004_fold-bn"]["macs"]
+    report = json.loads((tmp_path / "pkg" / "report.json").read_text())
+    assert [r["step"] for r in report["passes"]] == steps
