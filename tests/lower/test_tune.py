@@ -36,10 +36,13 @@ def matmul_relu_model():
 
 
 @pytest.mark.slow
-def test_tuned_library_matches_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("builder", ["inprocess", "local"])
+def test_tuned_library_matches_onnx_runtime(tmp_path, builder):
     model = matmul_relu_model()
     lib = lower_tuned(model, get_target("x86"), {"x": (8, 32)}, {"x": "float32"},
-                      tmp_path / "m.so", trials_per_task=2, work_dir=tmp_path / "tuning")
+                      tmp_path / "m.so", trials_per_task=2, work_dir=tmp_path / "tuning",
+                      builder=builder)
+    assert lib.details["tuning"]["builder"] == builder
     assert lib.details["tuning"]["kernels_tuned"] >= 1
     assert lib.details["tuning"]["trials_per_task"] == 2
     assert (tmp_path / "tuning" / "database_tuning_record.json").stat().st_size > 0
@@ -52,6 +55,12 @@ def test_refuses_targets_it_cannot_time_here(tmp_path):
     with pytest.raises(ToolchainError, match="rpi4 is not a x86_64 CPU target"):
         lower_tuned(matmul_relu_model(), get_target("rpi4"), {"x": (8, 32)}, {"x": "float32"},
                     tmp_path / "m.so")
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="need trials_per_task >= 1 and builder"):
+        lower_tuned(matmul_relu_model(), get_target("x86"), {"x": (8, 32)}, {"x": "float32"},
+                    tmp_path / "m.so", trials_per_task=0)
 
 
 def test_registrar_imports_only_the_target_intrinsics():
