@@ -126,7 +126,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         The written :class:`Package`.
     """
     from edgecc.frontend import load_model
-    from edgecc.lower import check_coverage, lower
+    from edgecc.lower import check_coverage, check_toolchain, lower
     from edgecc.passes import PassContext, PassManager, PassSpec, format_pipeline, parse_pipeline
     from edgecc.passes.dump import DumpInstrument, pass_row
     from edgecc.passes.manager import FailureDumpInstrument
@@ -147,6 +147,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         ]
     if cleanup:
         specs = parse_pipeline(CLEANUP_PASSES) + specs
+    check_toolchain(tgt)  # a missing compiler fails before any export or pass
     out = Path(out)
 
     with staged_output(out) as staging:

@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from edgecc.cli import main
-from edgecc.errors import EXIT_CHECK_FAILED, EXIT_UNSUPPORTED, EXIT_USER
+from edgecc.errors import EXIT_CHECK_FAILED, EXIT_TOOLCHAIN, EXIT_UNSUPPORTED, EXIT_USER
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tinycnn" / "model.pt"
 SHAPE = "x:1x3x32x32"
@@ -369,3 +369,35 @@ def test_dump_files_load_and_rows_agree_with_graphs(
     assert by_step["005_prune"]["macs"] < 0.75 * by_step["004_fold-bn"]["macs"]
     report = json.loads((tmp_path / "pkg" / "report.json").read_text())
     assert [r["step"] for r in report["passes"]] == steps
+
+
+def test_missing_cross_compiler_fails_before_any_work(
+    files: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    import edgecc.frontend
+
+    real_which = shutil.which
+    monkeypatch.setattr(
+        shutil,
+        "which",
+        lambda name, *a, **k: None if "aarch64" in name else real_which(name, *a, **k),
+    )
+    monkeypatch.setattr(edgecc.frontend, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    code, _, err = _cli(
+        capsys,
+        "compile",
+        files["ok"],
+        "--input-shape",
+        "x:1x3x8x8",
+        "-t",
+        "rpi4",
+        "-o",
+        tmp_path / "out" / "pkg",
+    )
+    _assert_user_error(code, err, EXIT_TOOLCHAIN, "gcc-aarch64-linux-gnu")
+    assert not (tmp_path / "out").exists()

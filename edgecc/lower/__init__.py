@@ -7,7 +7,13 @@ stays fast. Entry points:
 * :func:`lower`: compile and export the library, returning a :class:`LoweredLibrary`.
 """
 
-from edgecc.lower.build import LoweredLibrary, lower
+from edgecc.lower.build import LoweredLibrary, check_toolchain, lower
 from edgecc.lower.coverage import OperatorConversionError, check_coverage
 
-__all__ = ["LoweredLibrary", "OperatorConversionError", "check_coverage", "lower"]
+__all__ = [
+    "LoweredLibrary",
+    "OperatorConversionError",
+    "check_coverage",
+    "check_toolchain",
+    "lower",
+]

@@ -159,6 +159,16 @@ def _sayer(progress: Progress) -> Callable[[str], None]:
     return say
 
 
+def check_toolchain(target: Target) -> None:
+    """Fail fast, before any export or pass, when the target's compilers are missing or unfit.
+
+    Raises:
+        ToolchainError: no cross compiler / host cc, or nvcc cannot build the target's arch.
+    """
+    _linker(target)
+    _nvcc_for(target)
+
+
 def _linker(target: Target) -> str:
     """The C compiler that links the library: the target's cross compiler or the host's cc."""
     if target.cross_compiler:
