@@ -256,6 +256,27 @@ def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, ch
         sys.exit(EXIT_CHECK_FAILED)
 
 
+@cli.command("bench")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--repeat", type=int, default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for both.")
+def bench_cmd(package: Path, repeat: int, warmup: int, threads: int) -> None:
+    """Time a PACKAGE against ONNX Runtime on its own graph, in the same run (a ratio)."""
+    from edgecc.package import Package
+
+    res = Package(package).benchmark(repeat, warmup, threads)
+    e, o = res["edgecc"], res["onnxruntime"]
+    text = (
+        f"edgecc/TVM {e['median_ms']:.3f} ms (IQR {e['q1_ms']:.3f}-{e['q3_ms']:.3f}), "
+        f"ONNX Runtime {o['median_ms']:.3f} ms (IQR {o['q1_ms']:.3f}-{o['q3_ms']:.3f}), "
+        f"{threads} threads: edgecc/ORT = {res['ratio']:.2f}x"
+    )
+    if e.get("emulated"):
+        text += "\n(edgecc ran under qemu emulation: its time says nothing about the board)"
+    _emit(res, text)
+
+
 @cli.command("inspect")
 @click.argument("package", type=click.Path(path_type=Path))
 def inspect_cmd(package: Path) -> None:

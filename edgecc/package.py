@@ -221,6 +221,24 @@ class Package:
         feeds = self.prepare_inputs(self.probe_inputs() if inputs is None else inputs)
         return run_library(self.library, self.target(), feeds, self.output_names, progress=progress)
 
+    def benchmark(self, repeat: int = 50, warmup: int = 5, threads: int = 2) -> dict[str, Any]:
+        """Time the library and ONNX Runtime (default optimisations) on ``model.onnx`` in the
+        same run, on the probe input; the result's ``ratio`` is edgecc's median over ORT's."""
+        import onnx
+
+        from edgecc.report.compare import time_onnx
+        from edgecc.runtime.bench import benchmark_library
+
+        feeds = self.probe_inputs()
+        tvm = benchmark_library(self.library, self.target(), feeds, repeat, warmup, threads)
+        ort = time_onnx(onnx.load(str(self.path / ONNX_MODEL)), feeds, repeat, warmup, threads)
+        return {
+            "edgecc": tvm,
+            "onnxruntime": ort,
+            "threads": threads,
+            "ratio": tvm["median_ms"] / ort["median_ms"],
+        }
+
     def check(
         self, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray] | None = None
     ) -> dict[str, Any]:

@@ -401,3 +401,16 @@ def test_missing_cross_compiler_fails_before_any_work(
     )
     _assert_user_error(code, err, EXIT_TOOLCHAIN, "gcc-aarch64-linux-gnu")
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_reports_a_ratio_to_onnxruntime(
+    x86_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _cli(capsys, "--json", "bench", x86_package, "--repeat", "3", "--warmup", "1")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["edgecc"]["repeat"] == 3 and len(res["edgecc"]["times_ms"]) == 3
+    assert res["ratio"] == pytest.approx(
+        res["edgecc"]["median_ms"] / res["onnxruntime"]["median_ms"]
+    )
+    assert res["edgecc"]["emulated"] is False

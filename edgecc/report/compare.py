@@ -76,3 +76,33 @@ def compare_outputs(
         worst["max_rel_diff"] = max(worst["max_rel_diff"], diff / scale if scale else diff)
         worst["cosine"] = min(worst["cosine"], cosine(out, ref))
     return worst
+
+
+def time_onnx(
+    model: onnx.ModelProto,
+    inputs: Mapping[str, np.ndarray],
+    repeat: int = 50,
+    warmup: int = 5,
+    threads: int = 2,
+) -> dict[str, float]:
+    """Median and quartiles (ms) of ONNX Runtime running ``model`` with its default
+    optimisations: the peer a compiled package is compared with, in the same run."""
+    import time
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(_ort_bytes(model), opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.asarray(inputs[i.name]) for i in sess.get_inputs()}
+    for _ in range(warmup + 1):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3)}
