@@ -7,6 +7,7 @@ The reference runner is ONNX Runtime with every graph optimisation off
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,16 +15,23 @@ import onnx
 
 def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of ``model`` on ``inputs`` with ONNX Runtime, optimisations off, CPU, 2 threads."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 2
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(_ort_bytes(model), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(model, threads=2, optimise=False)
     names = [o.name for o in sess.get_outputs()]
     feeds = {i.name: np.asarray(inputs[i.name]) for i in sess.get_inputs()}
     return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def ort_session(model: onnx.ModelProto, threads: int, optimise: bool) -> Any:
+    """A CPU ONNX Runtime session; ``optimise=False`` turns every graph optimisation off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if not optimise:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(_ort_bytes(model), opts, providers=["CPUExecutionProvider"])
 
 
 # onnx >= 1.20 stamps new models with IR version 12+, which ONNX Runtime may not read yet; the
@@ -89,13 +97,7 @@ def time_onnx(
     optimisations: the peer a compiled package is compared with, in the same run."""
     import time
 
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(_ort_bytes(model), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(model, threads, optimise=True)
     feeds = {i.name: np.asarray(inputs[i.name]) for i in sess.get_inputs()}
     for _ in range(warmup + 1):
         sess.run(None, feeds)
