@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))  # tests/models.py holds the reference architectur
 
 import edgecc  # noqa: E402
 from edgecc.frontend import load_model  # noqa: E402
-from edgecc.report.compare import compare_outputs  # noqa: E402
+from edgecc.report.compare import compare_outputs, ort_session  # noqa: E402
 from edgecc.runtime import run_library  # noqa: E402
 from edgecc.runtime.bench import benchmark_library  # noqa: E402
 from edgecc.targets import get_target  # noqa: E402
@@ -148,21 +148,6 @@ def library_engine(name: str, library: Path, feeds: dict[str, np.ndarray], threa
     return Engine(name, measure, measure(1, 1)[0])
 
 
-def ort_session(model: onnx.ModelProto, threads: int):
-    """An ONNX Runtime session at its default optimisation level with ``threads`` threads."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.ir_version = min(copy.ir_version, 10)  # ORT may not read IR versions newer onnx stamps
-    return ort.InferenceSession(copy.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-
-
 def torch_call(model: nn.Module, inputs: Inputs) -> Callable[[], Any]:
     def call() -> Any:
         with torch.no_grad():
@@ -250,7 +235,7 @@ def time_variant(model: str, variant: str, pkg: Any, libraries: Libraries,
                  graph: onnx.ModelProto, torch_engine: Engine, feeds: dict[str, np.ndarray],
                  args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time ``libraries`` against ORT on ``graph`` and torch; one row per library."""
-    session = ort_session(graph, args.threads)
+    session = ort_session(graph, args.threads, optimise=True)
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds),
                         strict=True))
     engines = [library_engine(engine, path, feeds, args.threads)
@@ -337,7 +322,7 @@ were running: ratios, not absolute times, are what carries over).
 * `cosine vs ORT`: edgecc's output against ONNX Runtime's on the timed inputs. `build s`: TVM
   lowering and build (and tuning, for the tuned rows) in seconds.
 * Absolute medians and sample counts are in the JSON output (`--json`); they drift between runs.
-"""
+""" + "".join(f"* **{name} failed**: {error}\n" for name, error in result["errors"].items())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -372,17 +357,19 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     load_before = round(os.getloadavg()[0], 2)
     rows = []
+    errors = {}
     for name in args.models.split(","):
         try:
             rows += bench_model(name, args)
+        except KeyboardInterrupt:
+            raise
         except BaseException as err:  # noqa: BLE001 (load_minilm skips with pytest's exception)
-            if type(err).__name__ != "Skipped":
-                raise
-            log.warning("%s skipped: %s", name, err)
+            log.exception("%s failed", name)
+            errors[name] = f"{type(err).__name__}: {err}"
     result = {"command": command.strip(), "machine": machine(), "loadavg_before": load_before,
               "loadavg_after": round(os.getloadavg()[0], 2), "versions": versions(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
-              "rows": rows}
+              "rows": rows, "errors": errors}
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(result))
