@@ -257,8 +257,11 @@ def _with_design_space(contexts: list, weights: list) -> tuple[list, list[str]]:
         try:
             context.generate_design_space()
         except Exception as err:  # noqa: BLE001  (TVM raises several error types here)
-            log.warning("no design space for %s, left untuned: %s", context.task_name,
-                        str(err).strip().splitlines()[0] if str(err).strip() else err)
+            log.warning(
+                "no design space for %s, left untuned: %s",
+                context.task_name,
+                str(err).strip().splitlines()[0] if str(err).strip() else err,
+            )
             failed.append(context.task_name)
         else:
             usable.append((context, weight))
