@@ -257,6 +257,7 @@ def time_variant(model: str, variant: str, pkg: Any, libraries: Libraries,
             "times": {"edgecc": stats[engine], "ort": stats["ort"], "torch": stats["torch"]},
             "build_seconds": tuning.get("compile_seconds",
                                         round(pkg.report["compile_seconds"], 1)),
+            "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
             **({"tuning": tuning} if tuning else {}),
         })
     return rows
@@ -306,10 +307,10 @@ Produced by `scripts/benchmark.py`; every figure comes from one run of:
 
 Ratios of median latencies measured in the same run (lower is better for edgecc; 1.0 = as fast
 as the peer). In brackets, the range from the quartiles (q1/q3 .. q3/q1) of the pooled samples.
-{s["threads"]} threads for every engine, {s["rounds"]} interleaved rounds, up to {s["repeat"]}
-samples per engine; machine: {m["cpu"]}, {m["cpus_available"]} CPUs, 1-minute load average
-{result["loadavg_before"]} before and {result["loadavg_after"]} after the run (other processes
-were running: ratios, not absolute times, are what carries over).
+Every engine used {s["threads"]} threads; {s["rounds"]} interleaved rounds; up to {s["repeat"]}
+samples per engine. Machine: {m["cpu"]}, {m["cpus_available"]} CPUs, shared with other jobs
+(1-minute load average {result["loadavg_before"]} before the run, {result["loadavg_after"]} after
+it, per row in the JSON): ratios carry over, absolute times do not.
 
 {table(result["rows"])}
 
