@@ -99,13 +99,11 @@ def lower(
     say = _sayer(progress)
     linker = _linker(target)
     nvcc = _nvcc_for(target)
-    check_coverage(model)
+    mod = import_relax(model, input_shapes, input_dtypes, say)
 
     import tvm
 
     tvm_target = tvm_target_of(target)
-    say(f"importing ONNX into TVM Relax ({len(model.graph.node)} nodes)")
-    mod = _import_onnx(canonicalize(model), input_shapes, input_dtypes)
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
         mod = _pipeline(tvm_target)(mod)
@@ -203,6 +201,19 @@ def _nvcc_for(target: Target) -> cuda.Nvcc | None:
         return None
     cuda.check_arch(nvcc, target.cuda_arch or "", target.name)
     return nvcc
+
+
+def import_relax(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    input_dtypes: dict[str, str],
+    say: Callable[[str], None],
+) -> Any:
+    """Check operator coverage, then import ``model`` into a Relax IRModule (shared by
+    :func:`lower` and :func:`edgecc.lower.tune.lower_tuned`)."""
+    check_coverage(model)
+    say(f"importing ONNX into TVM Relax ({len(model.graph.node)} nodes)")
+    return _import_onnx(canonicalize(model), input_shapes, input_dtypes)
 
 
 def _import_onnx(

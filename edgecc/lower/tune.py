@@ -48,11 +48,10 @@ from edgecc.lower.build import (  # the same import, export and link steps as lo
     LoweredLibrary,
     Progress,
     _export,
-    _import_onnx,
     _linker,
     _sayer,
+    import_relax,
 )
-from edgecc.lower.coverage import canonicalize, check_coverage
 from edgecc.targets import Target
 
 log = logging.getLogger(__name__)
@@ -151,15 +150,13 @@ def lower_tuned(
     start = time.monotonic()
     say = _sayer(progress)
     linker = _linker(target)
-    check_coverage(model)
+    mod = import_relax(model, input_shapes, input_dtypes, say)
 
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     tvm_target = tuning_target(target)
-    say(f"importing ONNX into TVM Relax ({len(model.graph.node)} nodes)")
-    mod = _import_onnx(canonicalize(model), input_shapes, input_dtypes)
     with tvm_target:
         mod = tvm.transform.Sequential(
             [
