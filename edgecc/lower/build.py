@@ -35,8 +35,9 @@ from typing import Any
 import onnx
 
 from edgecc.errors import ToolchainError
-from edgecc.lower import cuda
+from edgecc.lower import cuda, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
+from edgecc.lower.schedules import CpuParams, ScheduleCoverage
 from edgecc.targets import Target
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,10 @@ def lower(
     import tvm
 
     tvm_target = tvm_target_of(target)
+    coverage = ScheduleCoverage()
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target)(mod)
+        mod = _pipeline(tvm_target, target, coverage)(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
@@ -116,6 +118,8 @@ def lower(
         "relax_pipeline": _pipeline_name(tvm_target),
         "compiler": linker,
     }
+    if target.device == "cpu":
+        details["schedules"] = coverage.summary()
     notes: list[str] = []
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
@@ -251,22 +255,40 @@ def _failed_op(printed: str) -> str | None:
     return None
 
 
-def _pipeline(tvm_target):
-    """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice)."""
+def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage):
+    """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
+
+    CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
+    kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
+    CUDA: TVM's default pipeline (dlight GPU rules).
+    """
     import tvm
     from tvm import relax
 
+    head = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    if tvm_target.kind.name != "llvm":
+        return tvm.transform.Sequential([*head, relax.get_default_pipeline(tvm_target)])
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    params = CpuParams.of(target)
     return tvm.transform.Sequential(
         [
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(),
-            relax.get_default_pipeline(tvm_target),
+            *head,
+            *cpu.library_dispatch_passes(tvm_target),
+            *schedules.pre_legalize_passes(params),
+            *cpu.legalize_passes(tvm_target),
+            schedules.apply_schedules(params, coverage),
+            *schedules.post_schedule_passes(params),
+            *cpu.dataflow_lower_passes(tvm_target),
+            *cpu.finalize_passes(tvm_target),
         ]
     )
 
 
 def _pipeline_name(tvm_target) -> str:
     kind = tvm_target.kind.name
+    if kind == "llvm":
+        return "DecomposeOpsForInference + relax cpu pipeline + edgecc CPU schedule rules"
     rules = " + dlight GPU rules" if kind == "cuda" else ""
     return f"DecomposeOpsForInference + relax {kind} default pipeline{rules}"
 

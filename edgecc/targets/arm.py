@@ -24,6 +24,10 @@ register_target(
         cross_compiler="aarch64-linux-gnu-gcc",
         runtime_needs=_NEEDS + "; 64-bit Raspberry Pi OS",
         aliases=("raspberry-pi-4", "rpi4b"),
+        vector_bits=128,
+        cores=4,
+        l1d_bytes=32 * 1024,
+        l2_bytes=256 * 1024,  # 1 MiB shared by 4 cores
     )
 )
 
@@ -36,5 +40,6 @@ register_target(
         cross_compiler="aarch64-linux-gnu-gcc",
         runtime_needs=_NEEDS,
         aliases=("aarch64",),
+        vector_bits=128,
     )
 )

@@ -33,6 +33,12 @@ class Target:
         default_passes: the pipeline text used when the user gives no ``--passes`` (the
             cleanup passes of :data:`edgecc.api.CLEANUP_PASSES` run before it either way).
         aliases: other names accepted on the command line.
+        vector_bits: width of the CPU's SIMD registers the schedules use (AVX2 256, AVX-512 512,
+            NEON 128); 0 for targets whose kernels do not run on the CPU.
+        cores: CPU cores of the device (parallel loops are split for at least this many
+            threads; the runtime default thread count).
+        l1d_bytes: L1 data cache per core (schedules block their working set to it).
+        l2_bytes: L2 cache per core (or per cluster share), for the outer cache blocking.
     """
 
     name: str
@@ -51,6 +57,10 @@ class Target:
     )
     default_passes: str = "fold-bn,shape-inference"
     aliases: tuple[str, ...] = field(default=())
+    vector_bits: int = 0
+    cores: int = 4
+    l1d_bytes: int = 32 * 1024
+    l2_bytes: int = 512 * 1024
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view (for manifests and ``edgecc targets --json``)."""

@@ -7,6 +7,7 @@ CPU of that level.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edgecc.targets.base import Target, register_target
@@ -24,6 +25,8 @@ X86_AVX2 = register_target(
         arch="x86_64",
         runtime_needs=_NEEDS + "; a CPU with AVX2",
         aliases=("avx2",),
+        vector_bits=256,
+        l2_bytes=1024 * 1024,
     )
 )
 
@@ -35,6 +38,8 @@ X86_AVX512 = register_target(
         arch="x86_64",
         runtime_needs=_NEEDS + "; a CPU with AVX-512 (F, BW, DQ, VL)",
         aliases=("avx512",),
+        vector_bits=512,
+        l2_bytes=1024 * 1024,
     )
 )
 
@@ -65,5 +70,8 @@ register_target(
         arch="x86_64",
         runtime_needs=_HOST_BASE.runtime_needs,
         aliases=("host", "x86_64"),
+        vector_bits=_HOST_BASE.vector_bits,
+        cores=os.cpu_count() or 1,
+        l2_bytes=_HOST_BASE.l2_bytes,
     )
 )

@@ -1,0 +1,185 @@
+"""edgecc's CPU schedule rules: fast TIR for every fused kernel, without tuning.
+
+TVM 0.27 schedules nothing on CPU (every fused kernel is a serial loop nest). These rules do, the
+way dlight does for GPUs: after operator fusion each PrimFunc is offered to the rules in
+:data:`RULES` order; the first rule that returns a schedule wins and the kernel is marked
+scheduled. A kernel no rule matches keeps TVM's default (serial) code, and the coverage
+(:class:`ScheduleCoverage`: kernel -> rule name or ``None``) goes into the manifest, so what was
+scheduled, and by what, is visible.
+
+Each rule lives in its own file of this package, is a :class:`CpuRule` (a dlight
+``ScheduleRule``) built from :class:`CpuParams` (vector lanes, cores and cache sizes from the
+target record, never from the compiling host), and registers itself with :func:`register_rule`
+at a priority: specific rules (matmul, conv) before generic ones (reduction, elementwise).
+Rules must be deterministic: the same kernel and params give the same schedule, so libraries stay
+byte-for-byte reproducible.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgecc.targets import Target
+
+log = logging.getLogger(__name__)
+
+# Rule modules, imported on first use (each registers its rules). Listed here so the set of rules
+# is data: a new rule is a new file plus one entry.
+RULE_MODULES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CpuParams:
+    """What a rule may know about the CPU it schedules for.
+
+    Attributes:
+        lanes: fp32 lanes of one SIMD register (AVX-512 16, AVX2 8, NEON 4).
+        cores: threads the parallel loops are split for.
+        l1d_bytes: L1 data cache per core.
+        l2_bytes: L2 cache per core.
+        arch: ``x86_64`` or ``aarch64``.
+    """
+
+    lanes: int
+    cores: int
+    l1d_bytes: int
+    l2_bytes: int
+    arch: str
+
+    @staticmethod
+    def of(target: Target) -> CpuParams:
+        """The params of a CPU target record (``vector_bits`` / 32 lanes)."""
+        return CpuParams(
+            lanes=max(1, target.vector_bits // 32),
+            cores=max(1, target.cores),
+            l1d_bytes=target.l1d_bytes,
+            l2_bytes=target.l2_bytes,
+            arch=target.arch,
+        )
+
+
+class CpuRule:
+    """Base of edgecc's CPU rules: a dlight ``ScheduleRule`` holding :class:`CpuParams`.
+
+    Subclasses set ``name`` and implement ``apply(func, target, tunable)``, returning a
+    ``tvm.s_tir.Schedule`` or None when the kernel is not theirs. They must not raise for a
+    kernel they decline; an exception inside a rule is logged and treated as a decline, so a
+    rule's bug costs speed, never a build.
+    """
+
+    name: str = "cpu-rule"
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def is_target_available(self, target: Any) -> bool:
+        return target.kind.name == "llvm"
+
+
+@dataclass(order=True)
+class _Entry:
+    priority: int
+    name: str = field(compare=True)
+    factory: Callable[[CpuParams], CpuRule] = field(compare=False, default=None)  # type: ignore
+
+
+_REGISTRY: list[_Entry] = []
+
+
+def register_rule(priority: int) -> Callable[[type[CpuRule]], type[CpuRule]]:
+    """Class decorator: register a :class:`CpuRule` at ``priority`` (lower is tried first)."""
+
+    def wrap(cls: type[CpuRule]) -> type[CpuRule]:
+        if not any(e.name == cls.name for e in _REGISTRY):
+            _REGISTRY.append(_Entry(priority, cls.name, cls))
+            _REGISTRY.sort()
+        return cls
+
+    return wrap
+
+
+def rules_for(params: CpuParams) -> list[CpuRule]:
+    """Every registered rule, in the order they are tried, built for ``params``."""
+    for module in RULE_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    return [entry.factory(params) for entry in _REGISTRY]
+
+
+@dataclass
+class ScheduleCoverage:
+    """Which rule scheduled each kernel (``None``: no rule matched; TVM's serial default)."""
+
+    kernels: dict[str, str | None] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON view: per-kernel rule, and counts per rule (``none`` for unscheduled kernels)."""
+        counts: dict[str, int] = {}
+        for rule in self.kernels.values():
+            counts[rule or "none"] = counts.get(rule or "none", 0) + 1
+        return {
+            "kernels": dict(sorted(self.kernels.items())),
+            "counts": dict(sorted(counts.items())),
+        }
+
+
+def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
+    """A TVM module pass that schedules every unscheduled PrimFunc with the first matching rule.
+
+    Records the winner of each kernel in ``coverage``. Only TIR functions are touched.
+    """
+    import tvm
+    from tvm import tirx
+
+    rules = rules_for(params)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeccApplyCpuSchedules")
+    def _apply(mod, _ctx):
+        updated = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
+                continue
+            name = gvar.name_hint
+            target = tvm.target.Target.current(allow_none=False)
+            coverage.kernels[name] = None
+            for rule in rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception as err:  # a rule bug must not break the build
+                    log.warning("schedule rule %s failed on %s: %s", rule.name, name, err)
+                    log.debug("rule failure", exc_info=True)
+                    continue
+                if sch is None:
+                    continue
+                updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                coverage.kernels[name] = rule.name
+                break
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod
+
+    return _apply
+
+
+def pre_legalize_passes(params: CpuParams) -> list:
+    """Relax passes run before legalization (layout choices such as channels-last convs).
+
+    Rules that need a data layout other than the model's (blocked activations, packed weights)
+    add the Relax rewrite here; constant weights are then re-laid out once, at compile time, by
+    the ``FoldConstant`` that follows legalization.
+    """
+    return []
+
+
+def post_schedule_passes(params: CpuParams) -> list:
+    """Passes run right after the rules (e.g. splitting weight-layout pre-processing out of
+    kernels so it folds into constants)."""
+    return []
