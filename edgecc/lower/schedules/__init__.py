@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Rule modules, imported on first use (each registers its rules). Listed here so the set of rules
 # is data: a new rule is a new file plus one entry.
-RULE_MODULES: tuple[str, ...] = ()
+RULE_MODULES: tuple[str, ...] = ("reduction", "elementwise")
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,13 @@ def register_rule(priority: int) -> Callable[[type[CpuRule]], type[CpuRule]]:
 
 
 def rules_for(params: CpuParams) -> list[CpuRule]:
-    """Every registered rule, in the order they are tried, built for ``params``."""
+    """Every registered rule, in the order they are tried, built for ``params``.
+
+    ``EDGECC_SCHEDULES=off`` in the environment gives none (TVM's unscheduled default build, for
+    before/after comparisons in the benchmarks).
+    """
+    if os.environ.get("EDGECC_SCHEDULES", "on").lower() in ("off", "0", "none"):
+        return []
     for module in RULE_MODULES:
         importlib.import_module(f"{__name__}.{module}")
     return [entry.factory(params) for entry in _REGISTRY]
