@@ -53,22 +53,22 @@ def _chain(shape: list[int]) -> onnx.ModelProto:
 
 
 CASES = {
-    "softmax-1000": (_graph("Softmax", [3, 1000], [3, 1000], axis=-1), "none"),
+    "softmax-1000": (_graph("Softmax", [3, 1000], [3, 1000], axis=-1), "reduction"),
     "softmax-rows": (_graph("Softmax", [4, 128, 128], [4, 128, 128], axis=-1), "row-reduction"),
-    "softmax-17": (_graph("Softmax", [1, 3, 17, 17], [1, 3, 17, 17], axis=-1), "none"),
+    "softmax-17": (_graph("Softmax", [1, 3, 17, 17], [1, 3, 17, 17], axis=-1), "reduction"),
     "layernorm-384": (_layer_norm([1, 128, 384]), "row-reduction"),
     "layernorm-odd": (_layer_norm([3, 17, 1000]), "row-reduction"),
     "reduce-mean-lead": (
         _graph("ReduceMean", [257, 64, 65], [1, 64, 65], axes=[0], keepdims=1),
-        "reduction",
+        "row-reduction",
     ),
     "reduce-max-inner": (
         _graph("ReduceMax", [64, 33, 1001], [64, 33, 1], axes=[-1], keepdims=1),
-        "row-reduction",
+        "reduction",
     ),
     "argmax": (
         _graph("ArgMax", [1, 1000, 1003], [1, 1003], TensorProto.INT64, axis=1, keepdims=0),
-        "reduction",
+        "row-reduction",
     ),
     "chain-odd": (_chain([3, 17, 1001]), "elementwise"),
     "chain-small": (_chain([1, 3]), "elementwise"),

@@ -30,9 +30,9 @@ from edgecc.lower.schedules import CpuParams, CpuRule, register_rule
 # Below this many output elements a kernel stays on one thread: waking TVM's thread pool costs
 # ~10-30 us here, more than a small elementwise kernel takes (tiny transformer, 16 tokens: all
 # kernels parallel made it 3.7x slower).
-PARALLEL_MIN_ELEMENTS = 1 << 16
-# A reduction or contraction is parallelised from this many multiply-adds (or reduced elements).
-PARALLEL_MIN_WORK = 1 << 20
+PARALLEL_MIN_ELEMENTS = 1 << 15
+# A contraction (matmul, conv) left to the fallback is parallelised from this many multiply-adds.
+PARALLEL_MIN_WORK = 1 << 18
 
 
 def vector_lanes(params: CpuParams, dtype_bits: int) -> int:

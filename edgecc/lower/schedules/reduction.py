@@ -12,14 +12,16 @@ vectorised on their inner axis and reduction loops split by the vector length an
 rule took (a reduction whose last block is not injective, a reduction over leading axes, a lone
 ``ReduceSum``). Injective producers and consumers are inlined where TVM allows; each remaining
 block gets its leading spatial loops fused and ``parallel`` when its loop nest has at least
-:data:`~edgecc.lower.schedules.elementwise.PARALLEL_MIN_WORK` iterations, and an injective block
+:data:`~edgecc.lower.schedules.elementwise.PARALLEL_MIN_ELEMENTS` iterations (contractions:
+``PARALLEL_MIN_WORK`` multiply-adds), and an injective block
 is vectorised as in the elementwise rule. The reduction loops stay serial (LLVM auto-vectorises
 what it can). This is also the fallback for contractions (matmul, conv) that the contraction
 rules decline: parallel rows, no register blocking.
 
 ``row-reduction`` declines contractions (:func:`is_contraction`) and kernels below
-``PARALLEL_MIN_WORK``; ``reduction`` declines kernels without reduction blocks (the elementwise
-rule's), symbolic extents, and kernels too small to parallelise (left to TVM's default).
+``PARALLEL_MIN_ELEMENTS`` (one thread: the ``reduction`` rule then vectorises what it can);
+``reduction`` declines kernels without reduction blocks (the elementwise rule's), symbolic
+extents, and kernels too small to parallelise with nothing to vectorise (TVM's default).
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 from edgecc.lower.schedules import CpuRule, register_rule
-from edgecc.lower.schedules.elementwise import PARALLEL_MIN_WORK, schedule_injective
+from edgecc.lower.schedules.elementwise import (
+    PARALLEL_MIN_ELEMENTS,
+    PARALLEL_MIN_WORK,
+    schedule_injective,
+)
 
 
 def is_contraction(sch: Any, block_rv: Any) -> bool:
@@ -86,7 +92,11 @@ class ScheduleRowReduction(CpuRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if not infos or has_contraction(sch, infos) or loop_volume(sch, infos) < PARALLEL_MIN_WORK:
+        if (
+            not infos
+            or has_contraction(sch, infos)
+            or loop_volume(sch, infos) < PARALLEL_MIN_ELEMENTS
+        ):
             return None
         return Reduction().apply(func, target, False)
 
@@ -127,7 +137,8 @@ class ScheduleReduction(CpuRule):
             work = 1
             for e in extents:
                 work *= int(e)
-            if spatial > 1 and work >= PARALLEL_MIN_WORK:
+            minimum = PARALLEL_MIN_WORK if is_contraction(sch, block) else PARALLEL_MIN_ELEMENTS
+            if spatial > 1 and work >= minimum:
                 fused = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
                 sch.parallel(fused)
                 done = True
