@@ -102,11 +102,17 @@ def cleanup_on_abort(path: Path) -> Iterator[None]:
 
 def _watchdog(read_fd: int, done: threading.Event) -> None:
     """Wait for a signal (a byte on the wakeup pipe); abort if the main thread does not react."""
-    try:
-        os.read(read_fd, 64)
-    except OSError:
-        return
-    if done.is_set() or done.wait(GRACE_SECONDS):
+    wanted = {int(s) for s in SIGNALS}
+    while True:  # the wakeup fd also gets the numbers of other signals Python handles
+        try:
+            got = os.read(read_fd, 64)
+        except OSError:
+            return
+        if done.is_set() or not got:
+            return
+        if wanted & set(got):
+            break
+    if done.wait(GRACE_SECONDS):
         return
     with _lock:  # not during a commit; afterwards the main thread finishes on its own
         if _committed or done.is_set():
