@@ -9,7 +9,20 @@ The Python API::
 
 __version__ = "0.1.0"
 
-from edgecc.api import compile, load  # noqa: E402, A004
-from edgecc.package import Package  # noqa: E402
+from typing import Any
 
 __all__ = ["Package", "__version__", "compile", "load"]
+
+_LAZY = {"compile": "edgecc.api", "load": "edgecc.api", "Package": "edgecc.package"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the API on first use: ``import edgecc`` (and so the CLI's start, when a Ctrl-C
+    must already be handled) stays fast; onnx and numpy load with the first call."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgecc' has no attribute {name!r}")

@@ -1,8 +1,11 @@
 """The ``edgecc`` command line: a thin layer over :mod:`edgecc.api`.
 
 Errors a user can cause print one line (``edgecc: error: ...``) on stderr and exit with the code
-of their class (see :mod:`edgecc.errors`); ``--debug`` adds the traceback. ``--json`` prints one
-JSON document on stdout and nothing else there; progress goes to stderr.
+of their class (see :mod:`edgecc.errors`); ``--debug`` adds the traceback and the rest of a
+multi-line message. ``--json`` prints one JSON document on stdout and nothing else there; progress
+goes to stderr. The global flags (``--debug``, ``--json``, ``-q``, ``-v``) are accepted before and
+after the command name. SIGINT and SIGTERM end a command with exit code 130 and keep an earlier
+package (see :mod:`edgecc.interrupt`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
+from edgecc import interrupt
 from edgecc.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INTERNAL,
@@ -25,6 +28,8 @@ from edgecc.errors import (
     EXIT_USER,
     EdgeccError,
     UserInputError,
+    as_user_error,
+    first_line,
 )
 
 
@@ -32,12 +37,14 @@ class _State:
     debug = False
     json = False
     quiet = False
+    verbose = False
 
 
 STATE = _State()
 
 
 def _progress(msg: str) -> None:
+    interrupt.check()  # a signal TVM swallowed stops the compile at its next step
     if not STATE.quiet:
         click.echo(f"edgecc: {msg}", err=True)
 
@@ -57,16 +64,72 @@ def _emit(data: dict[str, Any], text: str) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each pass does.")
 def cli(debug: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
-    """edgecc: compile PyTorch/ONNX models for edge devices through graph passes and TVM."""
+    """edgecc: compile PyTorch/ONNX models for edge devices through graph passes and TVM.
+
+    \b
+    Example:
+      edgecc compile model.onnx --target rpi4 -o build/m
+      edgecc run build/m --check
+    """
     STATE.debug, STATE.json, STATE.quiet = debug, as_json, quiet
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    STATE.verbose = verbose
+    _configure_logging()
+
+
+def _configure_logging() -> None:
+    level = logging.DEBUG if STATE.debug else logging.INFO if STATE.verbose else logging.WARNING
     logging.basicConfig(level=level, format="edgecc: %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
 
 
-@cli.command("compile")
+def _set_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        setattr(STATE, str(param.name), True)
+        _configure_logging()
+
+
+def _global_flags(command: Any) -> Any:
+    """Accept the global flags after the command name too (``edgecc compile -q ...``)."""
+    for decls, name, text in reversed(
+        [
+            (("--debug",), "debug", "Show tracebacks and debug logs (global flag)."),
+            (("--json",), "json", "Print machine-readable JSON on stdout (global flag)."),
+            (("-q", "--quiet"), "quiet", "No progress messages (global flag)."),
+            (("-v", "--verbose"), "verbose", "Log what each pass does (global flag)."),
+        ]
+    ):
+        command = click.option(
+            *decls, name, is_flag=True, expose_value=False, callback=_set_flag, help=text
+        )(command)
+    return command
+
+
+def _examples(*lines: str) -> str:
+    """A help epilog of example command lines (kept as written by ``\\b``)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _target_names() -> str:
+    from edgecc.targets import all_targets
+
+    return ", ".join(t.name for t in all_targets())
+
+
+@cli.command(
+    "compile",
+    epilog=_examples(
+        "edgecc compile model.onnx --target rpi4 -o build/m",
+        "edgecc compile model.pt --input-shape x:1x3x224x224 --passes 'fold-bn,qdq' --calib random",
+    ),
+)
+@_global_flags
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
-    "-t", "--target", default="x86", show_default=True, help="Target name (see `edgecc targets`)."
+    "-t",
+    "--target",
+    default="x86",
+    show_default=True,
+    help=f"Target name: {_target_names()} (details: `edgecc targets`).",
 )
 @click.option(
     "-o",
@@ -92,7 +155,7 @@ def cli(debug: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
 )
 @click.option(
     "--dump-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, file_okay=False, writable=True),
     help="Write the graph after every pass and a summary table here.",
 )
 @click.option(
@@ -120,7 +183,7 @@ def cli(debug: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Seed of the probe input and random calibration.",
@@ -146,6 +209,8 @@ def compile_cmd(
     from edgecc.passes.dump import format_table
 
     out = out or Path("build") / f"{model.stem}-{target}"
+    if dump_dir is not None:
+        _check_writable_dir(dump_dir, "--dump-dir")
     pkg = compile_model(
         model,
         target,
@@ -188,7 +253,26 @@ def compile_cmd(
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
 
 
-@cli.command("run")
+def _check_writable_dir(path: Path, option: str) -> None:
+    """Fail before any work if ``path`` cannot be created or written (as a folder)."""
+    import os
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"{option} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{option} {path}: {existing} is not writable")
+
+
+@cli.command(
+    "run",
+    epilog=_examples(
+        "edgecc run build/m --check", "edgecc run build/m -i inputs.npz -o outputs.npz"
+    ),
+)
+@_global_flags
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option(
     "-i",
@@ -211,6 +295,8 @@ def compile_cmd(
 )
 def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, check: bool) -> None:
     """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation)."""
+    import numpy as np
+
     from edgecc.package import Package, read_arrays
 
     pkg = Package(package)
@@ -221,9 +307,12 @@ def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, ch
         tmp = output_path.with_name(output_path.name + ".tmp.npz")
         try:
             np.savez(tmp, **outputs)
-            tmp.replace(output_path)
-        except OSError as err:
+            with interrupt.commit():
+                tmp.replace(output_path)
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            if not isinstance(err, OSError):
+                raise
             raise UserInputError(f"cannot write {output_path}: {err.strerror or err}") from err
     data: dict[str, Any] = {
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()}
@@ -256,7 +345,8 @@ def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, ch
         sys.exit(EXIT_CHECK_FAILED)
 
 
-@cli.command("bench")
+@cli.command("bench", epilog=_examples("edgecc bench build/m --repeat 100 --threads 4"))
+@_global_flags
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--repeat", type=int, default=50, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
@@ -277,7 +367,8 @@ def bench_cmd(package: Path, repeat: int, warmup: int, threads: int) -> None:
     _emit(res, text)
 
 
-@cli.command("inspect")
+@cli.command("inspect", epilog=_examples("edgecc inspect build/m", "edgecc --json inspect build/m"))
+@_global_flags
 @click.argument("package", type=click.Path(path_type=Path))
 def inspect_cmd(package: Path) -> None:
     """Show a package's manifest and report."""
@@ -315,7 +406,8 @@ def inspect_cmd(package: Path) -> None:
     _emit({"manifest": m, "report": r}, text)
 
 
-@cli.command("targets")
+@cli.command("targets", epilog=_examples("edgecc targets", "edgecc --json targets"))
+@_global_flags
 def targets_cmd() -> None:
     """List every target with its TVM configuration."""
     from edgecc.targets import all_targets
@@ -346,7 +438,11 @@ def _first_line(doc: str | None, name: str) -> str:
     return re.sub(rf"^`*{re.escape(name)}`*\s*:\s*", "", line)
 
 
-@cli.command("passes")
+@cli.command(
+    "passes",
+    epilog=_examples("edgecc passes", "edgecc compile m.onnx --passes 'fold-bn,prune(ratio=0.3)'"),
+)
+@_global_flags
 def passes_cmd() -> None:
     """List the graph passes usable in --passes."""
     from edgecc.passes import registered_passes
@@ -360,42 +456,72 @@ def passes_cmd() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the CLI and maps errors to one line and an exit code."""
+    """Entry point: runs the CLI and maps errors to one line and an exit code.
+
+    A SIGINT/SIGTERM before the package is written gives ``edgecc: interrupted`` and 130 whatever
+    the exception it caused (TVM turns some into ``RuntimeError``) or if it was swallowed.
+    """
+    STATE.debug = STATE.json = STATE.quiet = STATE.verbose = False
+    with interrupt.installed():
+        code = _main(argv)
+        if interrupt.received() is not None:
+            if not interrupt.committed():
+                click.echo("edgecc: interrupted", err=True)
+                return EXIT_INTERRUPTED
+            if code == 0:
+                click.echo("edgecc: a signal arrived after the output was written", err=True)
+        return code
+
+
+def _error(prefix: str, message: str, hint: str = "") -> None:
+    """One line on stderr; the whole message with --debug."""
+    line, more = first_line(message)
+    if STATE.debug and more:
+        line = str(message).strip()
+    elif more and not hint:
+        hint = " (more with --debug)"
+    click.echo(f"edgecc: {prefix}{line}{hint}", err=True)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="edgecc", standalone_mode=False)
         return 0
     except click.exceptions.Exit as err:
         return err.exit_code
     except click.ClickException as err:
-        click.echo(f"edgecc: error: {err.format_message()}", err=True)
+        _error("error: ", err.format_message())
         return EXIT_USER
-    except click.exceptions.Abort:
-        click.echo("edgecc: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        click.echo("edgecc: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except EdgeccError as err:
-        if STATE.debug:
-            traceback.print_exc()
-        click.echo(f"edgecc: error: {err}", err=True)
-        return err.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return EXIT_INTERRUPTED  # main() prints the line
     except SystemExit as err:
-        return int(err.code or 0)
-    except Exception as err:  # a bug: one line, and the traceback with --debug
+        return int(err.code or 0) if not isinstance(err.code, str) else EXIT_INTERNAL
+    except Exception as err:  # noqa: BLE001  (every error becomes one line and an exit code)
+        if interrupt.received() is not None:
+            return EXIT_INTERRUPTED
         if STATE.debug:
             traceback.print_exc()
-        click.echo(
-            f"edgecc: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
-            "traceback)",
-            err=True,
+        user = err if isinstance(err, EdgeccError) else as_user_error(err)
+        if user is not None:
+            _error("error: ", str(user))
+            return user.exit_code
+        # a bug: one line, and the traceback with --debug
+        _error(
+            "internal error: ",
+            f"{type(err).__name__}: {err}",
+            "" if STATE.debug else " (rerun with --debug for the traceback)",
         )
         return EXIT_INTERNAL
 
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before the handler was installed
+        click.echo("edgecc: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@ Exit codes (documented in the README):
     3  unsupported operators: the model uses ops the lowering cannot handle
     4  check failed: ``run --check`` found outputs outside tolerance
     5  target toolchain missing (cross compiler, CUDA, emulator)
-    130 interrupted (Ctrl-C)
+    130 interrupted (Ctrl-C, SIGTERM) before the package was written; an earlier package at
+        the output path is kept
+
+A message may span lines (ONNX Runtime's do): the CLI prints its first line, all with ``--debug``.
 """
 
 from __future__ import annotations
+
+import errno
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -39,7 +44,11 @@ class UnsupportedOperatorError(EdgeccError):
 
     exit_code = EXIT_UNSUPPORTED
 
-    def __init__(self, unsupported: list[tuple[str, int, list[str]]]):
+    def __init__(self, unsupported: list[tuple[str, int, list[str]]] | str):
+        if isinstance(unsupported, str):  # a message with context added (the pass manager's)
+            self.unsupported = []
+            super().__init__(unsupported)
+            return
         self.unsupported = unsupported
         parts = [f"{op} x{count} (e.g. {', '.join(names[:3])})" for op, count, names in unsupported]
         super().__init__("unsupported operators: " + "; ".join(parts))
@@ -61,3 +70,34 @@ class PassError(EdgeccError):
     """A pass failed; the message names the pass and the passes that ran before it."""
 
     exit_code = EXIT_INTERNAL
+
+
+# OSErrors of the user's files and folders (permissions, read-only or full disks, a file where
+# a folder is needed): the user acts on them, so they are user errors, not bugs.
+_USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+}
+
+
+def as_user_error(err: BaseException) -> EdgeccError | None:
+    """The user error an exception stands for (a file-system error naming a path), or None."""
+    if isinstance(err, OSError) and err.errno in _USER_ERRNOS and err.filename:
+        return UserInputError(f"cannot access {err.filename}: {err.strerror or err}")
+    return None
+
+
+def first_line(message: str) -> tuple[str, bool]:
+    """A message's first non-empty line, and whether lines were left out."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if not lines:
+        return "", False
+    return lines[0], len(lines) > 1

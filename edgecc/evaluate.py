@@ -96,7 +96,7 @@ def session(model: onnx.ModelProto | str | Path, optimize: bool = False, threads
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failing node is in the exception, one line
     return ort.InferenceSession(_ort_bytes(model), opts, providers=["CPUExecutionProvider"])
 
 

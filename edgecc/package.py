@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc import interrupt
 from edgecc.errors import UserInputError
 
 LIBRARY = "model.so"
@@ -71,11 +73,36 @@ def _check_output_path(out: Path) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _stale_pattern(name: str) -> str:
+    return rf"\.{re.escape(name)}\.(staging|old)-(?P<pid>\d+)-.+"
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the staging folders of killed compiles to ``out``; a package a kill left in an
+    ``.old-`` folder (killed between the two renames) goes back to ``out`` if that is empty."""
+    pattern = re.compile(_stale_pattern(out.name))
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        m = pattern.fullmatch(old.name)
+        if m and not interrupt.alive(int(m.group("pid"))) and not out.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old / "pkg", out)
+    interrupt.remove_stale(out.parent, _stale_pattern(out.name))
+
+
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces ``out``, on any failure it disappears.
 
-    Parent folders created for the output are removed again if the build fails.
+    Parent folders created for the output are removed again if the build fails. The staging
+    folder is named ``.OUT.staging-PID-*``: those of dead processes (killed compiles) are
+    removed first. The package folder gets the mode the umask gives a new folder. A signal
+    recorded by :mod:`edgecc.interrupt` aborts before the rename, never after it.
     """
     out = Path(out).absolute()
     _check_output_path(out)
@@ -86,27 +113,50 @@ def staged_output(out: Path) -> Iterator[Path]:
         parent = parent.parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        _remove_stale(out)
+        staging = Path(
+            tempfile.mkdtemp(prefix=interrupt.pid_prefix(f".{out.name}.staging-"), dir=out.parent)
+        )
+        staging.chmod(0o777 & ~_umask())
     except OSError as err:
         for p in created:
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise UserInputError(f"cannot write to {out}: {err.strerror or err}") from err
     try:
-        yield staging
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "pkg")
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        with interrupt.cleanup_on_abort(staging):
+            yield staging
+            with interrupt.commit():
+                _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for p in created:  # innermost first
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``, replacing an earlier package (restored if that fails)."""
+    try:
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        old = Path(
+            tempfile.mkdtemp(prefix=interrupt.pid_prefix(f".{out.name}.old-"), dir=out.parent)
+        )
+        try:
+            os.replace(out, old / "pkg")
+            try:
+                os.replace(staging, out)
+            except OSError:
+                os.replace(old / "pkg", out)
+                raise
+        finally:
+            if out.exists():  # the new package, or the old one restored
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise UserInputError(f"cannot write to {out}: {err.strerror or err}") from err
 
 
 def save_reference(

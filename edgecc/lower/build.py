@@ -34,6 +34,7 @@ from typing import Any
 
 import onnx
 
+from edgecc import interrupt
 from edgecc.errors import ToolchainError
 from edgecc.lower import cuda, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
@@ -154,9 +155,10 @@ def tvm_target_of(target: Target):
 
 def _sayer(progress: Progress) -> Callable[[str], None]:
     def say(line: str) -> None:
-        log.info(line)
-        if progress:
+        if progress:  # the caller shows it; logging it too printed it twice under -v
             progress(line)
+        else:
+            log.info(line)
 
     return say
 
@@ -312,7 +314,12 @@ def _export(executable, out_path: Path, linker: str, packer: cuda.PtxPacker | No
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fcompile = cc.cross_compiler(linker)
-    with tempfile.TemporaryDirectory(prefix="edgecc-link-") as work:
+    tmp_root = Path(tempfile.gettempdir())
+    interrupt.remove_stale(tmp_root, r"edgecc-link-(?P<pid>\d+)-.+")  # left by killed compiles
+    with (
+        tempfile.TemporaryDirectory(prefix=interrupt.pid_prefix("edgecc-link-")) as work,
+        interrupt.cleanup_on_abort(Path(work)),
+    ):
         tmp = Path(work) / out_path.name
         if packer is None:
             executable.export_library(str(tmp), fcompile=fcompile, workspace_dir=work)

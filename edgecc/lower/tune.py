@@ -166,7 +166,7 @@ def lower_tuned(
                 *cpu.legalize_passes(tvm_target),
             ]
         )(mod)
-    with _work_dir(work_dir) as work:
+    with _work_dir(work_dir) as work, meta_schedule_logging():
         mod, tuning = tune_functions(
             mod, tvm_target, target.arch, Path(work), trials_per_task, seed, builder, say
         )
@@ -295,6 +295,42 @@ def _task_module(func):
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     return _normalize_mod(func)
+
+
+META_SCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def meta_schedule_logging():
+    """Leave Python's logging as it was around a MetaSchedule run.
+
+    MetaSchedule's ``create_loggers`` (run by every ``extracted_tasks_to_tune_contexts``) attaches
+    a console handler and file handlers in the work dir to ``tvm.s_tir.meta_schedule`` and one
+    logger per task, and lists the handlers already on that logger by name: a handler left there
+    (by an earlier tuning, whose work dir may be gone, or any unnamed one) made the next run fail
+    with ``AttributeError: 'NoneType' object has no attribute 'format'``. Here the logger starts
+    without handlers, and afterwards every handler MetaSchedule added is closed and removed and
+    the logger's handlers, level and propagation are restored.
+    """
+    manager = logging.Logger.manager
+    top = logging.getLogger(META_SCHEDULE_LOGGER)
+    saved = (top.handlers[:], top.level, top.propagate, top.disabled)
+    for handler in saved[0]:
+        top.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for name, logger in list(manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger) and (
+                name == META_SCHEDULE_LOGGER or name.startswith(META_SCHEDULE_LOGGER + ".")
+            ):
+                for handler in logger.handlers[:]:
+                    logger.removeHandler(handler)
+                    handler.close()
+        for handler in saved[0]:
+            top.addHandler(handler)
+        top.setLevel(saved[1])
+        top.propagate, top.disabled = saved[2], saved[3]
 
 
 def _work_dir(path: Path | None):

@@ -30,7 +30,7 @@ def ort_session(model: onnx.ModelProto, threads: int, optimise: bool) -> Any:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failing node is in the exception, one line
     return ort.InferenceSession(_ort_bytes(model), opts, providers=["CPUExecutionProvider"])
 
 

@@ -5,6 +5,7 @@ No timing assertions: whether tuning pays is measured by ``scripts/benchmark.py 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgecc.errors import ToolchainError
-from edgecc.lower.tune import intrinsics_registrar, lower_tuned
+from edgecc.lower.tune import (
+    META_SCHEDULE_LOGGER,
+    intrinsics_registrar,
+    lower_tuned,
+    meta_schedule_logging,
+)
 from edgecc.report.compare import run_onnx
 from edgecc.runtime import run_library
 from edgecc.targets import get_target
@@ -74,3 +80,27 @@ def test_registrar_imports_only_the_target_intrinsics():
     assert "tvm.s_tir.tensor_intrin.x86" in proc.stdout.strip().split(",")
     assert "tvm.s_tir.tensor_intrin.cuda" not in proc.stdout
     assert callable(intrinsics_registrar("aarch64"))
+
+
+def test_meta_schedule_logging_leaves_no_state_behind(tmp_path):
+    """The cause of the whole-file failure: a handler left on MetaSchedule's logger (here an
+    unnamed one) made its next ``create_loggers`` fail with 'NoneType' has no 'format'."""
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    top = logging.getLogger(META_SCHEDULE_LOGGER)
+    left = logging.NullHandler()  # no name, as a handler left by other code may have
+    top.addHandler(left)
+    try:
+        for run in ("first", "second"):  # two tunings in one process, as the file's two cases
+            with meta_schedule_logging():
+                loggers = get_loggers_from_work_dir(str(tmp_path / run), ["fused_matmul"])
+                loggers[0].info("a task log line")
+                assert (tmp_path / run / "logs").is_dir()
+            assert top.handlers == [left]  # only what was there before
+            assert loggers[0].handlers == []  # the task logger's file handler is closed
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'format'"):
+            get_loggers_from_work_dir(str(tmp_path / "bare"), ["fused_matmul"])  # without it
+    finally:
+        for handler in top.handlers[:]:
+            top.removeHandler(handler)
+            handler.close()
