@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecc.errors import PassError, UserInputError
+from edgecc.errors import EdgeccError, PassError, UserInputError
 from edgecc.passes.dump import DumpInstrument
 from edgecc.passes.manager import (
     PassContext,
@@ -97,7 +97,9 @@ def test_bad_pipeline_text_is_a_user_error(bad: str) -> None:
 def test_unknown_pass_and_bad_option_fail_before_running() -> None:
     with pytest.raises(UserInputError, match="unknown pass 'nope'"):
         PassManager(parse_pipeline("nope"))
-    with pytest.raises(UserInputError, match="bad options for pass 'test-append-neg'"):
+    with pytest.raises(
+        UserInputError, match="test-append-neg: unknown option 'bogus'; its options: times"
+    ):
         PassManager(parse_pipeline("test-append-neg(bogus=1)"))
     with pytest.raises(UserInputError, match="--disable-pass 'nope'"):
         PassManager([], disabled=["nope"])
@@ -161,3 +163,128 @@ def test_dump_instrument_writes_files_and_rows_agree(tmp_path) -> None:
 def test_passspec_text_quotes_odd_strings() -> None:
     spec = PassSpec("qdq", (("keep_float", ["a b", "Conv"]),))
     assert parse_pipeline(spec.text()) == [spec]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prune(ratio=abc)", "prune: option ratio=abc must be a finite number"),
+        ("prune(round_to=abc)", "prune: option round_to=abc must be an integer"),
+        ("prune(round_to=2.5)", "prune: option round_to=2.5 must be an integer"),
+        ("prune(use_bn=maybe)", "prune: option use_bn=maybe must be true or false"),
+        ("prune(ratio=0.3\u200b)", r"prune: option ratio='0.3\\u200b' must be a finite number"),
+        ("prune(ratio=nan)", "prune: option ratio=nan must be a finite number"),
+        ("prune(overrides={a:x})", r"overrides=\{a:x\} must be a map \{a name:a finite number\}"),
+        ("prune(skip=[1,2])", r"skip=\[1,2\] must be a list \[...\] of a name"),
+        ("lowrank(rank=True)", "lowrank: option rank=True must be an integer or None"),
+        ("lowrank(min_size=abc)", "lowrank: option min_size=abc must be an integer"),
+        ("dynamic-quant(min_size=abc)", "dynamic-quant: option min_size=abc must be an integer"),
+        ("sparsify(amount=abc)", "sparsify: option amount=abc must be a finite number"),
+        ("prune(ratio=0.3,ratio=0.5)", "prune: option 'ratio' given twice"),
+        ("prune(nope=1)", "prune: unknown option 'nope'; its options: ratio, criterion"),
+        ("prune(skip=" + "[" * 1000 + "]" * 1000 + ")", "nested more than 8 deep"),
+        ("prune(=1)", "needs the form key=value"),
+        ("prune(ratio=0.3))(", "unbalanced brackets"),
+    ],
+)
+def test_malformed_options_are_one_line_user_errors(text: str, message: str) -> None:
+    """Options are checked against each pass's declared types before anything runs."""
+    with pytest.raises(UserInputError, match=message) as err:
+        PassManager(parse_pipeline(text))
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_repeated_option_in_spec_data_is_refused() -> None:
+    with pytest.raises(UserInputError, match="given twice"):
+        PassSpec("prune", (("ratio", 0.1), ("ratio", 0.2))).build()
+
+
+def test_valid_options_of_every_type_build() -> None:
+    text = (
+        "prune(ratio=0,round_to=8,use_bn=false,skip=conv1,overrides={conv1:0.5}),"
+        "lowrank(rank=None,energy=0.9),qdq(keep_float=[Conv],outputs=true),sparsify(amount=1)"
+    )
+    assert [type(p).__name__ for p in PassManager(parse_pipeline(text)).passes] == [
+        "PruneChannels",
+        "SplitLowRank",
+        "InsertQDQ",
+        "Sparsify",
+    ]
+
+
+def _mutants(seed: int, count: int) -> list[str]:
+    """Seeded character-level mutants of valid pipeline texts."""
+    rng = np.random.default_rng(seed)
+    seeds = [
+        "fold-bn,prune(ratio=0.3,round_to=8,skip=[conv1],overrides={conv2:0.1})",
+        "lowrank(rank=4,min_size=16,skip=[Gemm]),dynamic-quant(min_size=0)",
+        "sparsify(amount=0.5,scope=global),prune(use_bn=true,criterion=l2)",
+        "qdq(method=percentile,percentile=99.9,keep_float=[fc],bins=256)",
+    ]
+    alphabet = list("()[]{},=:'\"-_. 0123456789aeilnrstx") + ["\u200b", "é", "True", "None"]
+    out = list(seeds)  # the unmutated texts must run
+    for _ in range(count - len(seeds)):
+        text = list(seeds[rng.integers(len(seeds))])
+        for _ in range(rng.integers(1, 3)):
+            pos = int(rng.integers(len(text) + 1))
+            op = rng.integers(3)
+            if op == 0 and text:  # delete
+                del text[min(pos, len(text) - 1)]
+            elif op == 1:  # insert
+                text.insert(pos, alphabet[rng.integers(len(alphabet))])
+            elif text:  # replace
+                text[min(pos, len(text) - 1)] = alphabet[rng.integers(len(alphabet))]
+        out.append("".join(text))
+    return out
+
+
+def _small_cnn() -> onnx.ModelProto:
+    """conv1 -> Relu -> conv2 -> Relu -> GlobalAveragePool -> Flatten -> fc (Gemm)."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.standard_normal((8, 3, 3, 3)),
+        "b1": rng.standard_normal(8),
+        "w2": rng.standard_normal((8, 8, 3, 3)),
+        "b2": rng.standard_normal(8),
+        "wf": rng.standard_normal((4, 8)),
+        "bf": rng.standard_normal(4),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fuzzed_pipeline_texts_give_user_errors_or_success() -> None:
+    """A few hundred seeded mutants: parsing, building and running on a small CNN either
+    succeed or raise a user error (exit 2) with a one-line message, never another exception
+    (a PassError is exit 1: an internal error)."""
+    model = _small_cnn()
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    ctx = PassContext(calibration=lambda: iter(calib), probe_inputs=calib[0])
+    outcomes = {"ok": 0, "user error": 0, "ran": 0}
+    for text in _mutants(seed=6, count=300):
+        try:
+            manager = PassManager(parse_pipeline(text))
+            assert parse_pipeline(format_pipeline(manager.specs)) == manager.specs, text
+            outcomes["ok"] += 1
+            manager.run(model, ctx)
+            outcomes["ran"] += 1
+        except EdgeccError as err:
+            assert err.exit_code == 2 and "\n" not in str(err), (text, err)
+            outcomes["user error"] += 1
+    assert outcomes["ran"] >= 8 and outcomes["user error"] >= 100, outcomes
