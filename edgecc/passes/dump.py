@@ -1,7 +1,8 @@
 """The dump instrument: after every pass, the graph as ONNX and text, and one summary row.
 
 ``--dump-dir DIR`` writes ``000_input.onnx``, then ``NNN_<pass>.onnx`` (opens in Netron) and
-``NNN_<pass>.txt`` (one line per node: name, op, creating pass, inputs -> outputs with shapes)
+``NNN_<pass>.txt`` (one line per node: name, op, inputs -> outputs with shapes, and where it
+came from: ``# from input, rewritten by fold-bn, prune`` or ``# from qdq``)
 after each pass, and ``summary.tsv`` / ``summary.json`` with a row per pass: nodes,
 parameters, MACs, bytes, and max-abs-diff / cosine of the outputs against the float reference on
 the probe input (run with ONNX Runtime, optimisations off).
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from edgecc.passes.manager import Instrument, PassContext, PassResult, PassSpec, node_tag
+from edgecc.passes.manager import Instrument, PassContext, PassResult, PassSpec, node_origin
 from edgecc.report.compare import compare_outputs, run_onnx
 from edgecc.report.metrics import graph_stats
 
@@ -108,7 +109,7 @@ def listing(model: onnx.ModelProto) -> str:
         )
         lines.append(
             f"{node.name} = {node.op_type}({fmt(node.input)}) -> {fmt(node.output)}"
-            f"{' {' + attrs + '}' if attrs else ''}  # from {node_tag(node)}"
+            f"{' {' + attrs + '}' if attrs else ''}  # from {node_origin(node)}"
         )
     lines += [f"output {fmt([o.name])}" for o in g.output]
     return "\n".join(lines) + "\n"

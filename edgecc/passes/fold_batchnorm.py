@@ -59,6 +59,7 @@ from edgecc.passes.graph import (
     set_const_input,
     static_shape,
     value_consumers,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -125,7 +126,12 @@ class FoldBatchNorm:
                 continue
             orphaned.update(bn.input[1:])
         if not replace:
-            return PassResult(model, False, info)
+            why = (
+                why_unchanged(model, "fold-bn", info["declined"], "")
+                if info["declined"]
+                else "no BatchNormalization in the graph"
+            )
+            return PassResult(model, False, info, reason=why)
         nodes = [new for n in model.graph.node for new in replace.get(id(n), [n])]
         del model.graph.node[:]
         model.graph.node.extend(nodes)

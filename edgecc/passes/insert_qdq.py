@@ -73,6 +73,7 @@ from edgecc.passes.graph import (
     remove_dead_nodes,
     remove_if_unused,
     topological_sort,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -410,8 +411,10 @@ class InsertQDQ:
             "kept_float": plan.kept_float,
         }
         if not plan.sites:
-            info["note"] = "no Conv/Gemm/MatMul to quantize"
-            return PassResult(model, False, info)
+            info["note"] = why_unchanged(
+                model, "qdq", plan.declined, "no float Conv/Gemm/MatMul to quantize"
+            )
+            return PassResult(model, False, info, reason=info["note"])
         seen = observe(
             model, plan.tensors, ctx.calibration(), lambda: make_observer(self.method, self.bins)
         )

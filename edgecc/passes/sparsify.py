@@ -32,6 +32,7 @@ from edgecc.passes.graph import (
     remove_dead_nodes,
     remove_if_unused,
     value_consumers,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -88,7 +89,10 @@ class Sparsify:
                 node.input[1] = sparse
             orphaned.add(name)
         remove_if_unused(model, orphaned | remove_dead_nodes(model, orphaned))
-        return PassResult(model, bool(changed), info)
+        why = why_unchanged(
+            model, "sparsify", declined, f"no weight to sparsify at amount {self.amount}"
+        )
+        return PassResult(model, bool(changed), info, reason="" if changed else why)
 
     def _weights(self, index: GraphIndex) -> tuple[dict[str, tuple[np.ndarray, list]], list]:
         """Weight name -> (value, nodes reading it as weight), and the declined weights."""

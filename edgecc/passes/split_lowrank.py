@@ -64,6 +64,7 @@ from edgecc.passes.graph import (
     remove_dead_nodes,
     remove_if_unused,
     value_consumers,
+    why_unchanged,
 )
 from edgecc.passes.insert_qdq import as_list, computed_weight, matches
 from edgecc.passes.manager import PassContext, PassResult, register
@@ -256,7 +257,8 @@ class SplitLowRank:
                 replacements[g.node.name] = _split_nodes(g, first, second, index, types)
         info: dict[str, Any] = {"option": self.option(), "layers": report, "declined": declined}
         if not replacements:
-            return PassResult(model, False, info)
+            why = why_unchanged(model, "lowrank", declined, "no Conv/Gemm/MatMul weight")
+            return PassResult(model, False, info, reason=why)
         orphans = {
             i
             for group in groups.values()

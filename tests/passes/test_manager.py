@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from edgecc.passes.manager import (
     PassSpec,
     TimingInstrument,
     format_pipeline,
+    node_origin,
     node_tag,
     parse_pipeline,
     register,
@@ -288,3 +290,54 @@ def test_fuzzed_pipeline_texts_give_user_errors_or_success() -> None:
             assert err.exit_code == 2 and "\n" not in str(err), (text, err)
             outcomes["user error"] += 1
     assert outcomes["ran"] >= 8 and outcomes["user error"] >= 100, outcomes
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("qdq,prune(ratio=0.3)", "weights are already quantized .*run prune before qdq"),
+        ("qdq,lowrank(rank=2)", "weights are already quantized .*run lowrank before qdq"),
+        ("qdq,sparsify", "weights are already quantized .*run sparsify before qdq"),
+        ("qdq,dynamic-quant", "already quantized by an earlier qdq/dynamic-quant"),
+        ("qdq,qdq", "already quantized by an earlier qdq/dynamic-quant"),
+        ("fold-bn", "no BatchNormalization in the graph"),
+        ("prune(ratio=0.05)", "ratio 0.05 removes no channel from the 2 prunable groups"),
+        ("lowrank(rank=2,min_size=100000)", "all 3 candidates declined .*conv1"),
+        ("eliminate-dead", "no dead node"),
+        ("remove-identity", "no no-op node"),
+        ("shape-inference,shape-inference", "every shape is already inferred"),
+    ],
+)
+def test_a_pass_that_changes_nothing_says_why(text: str, reason: str, caplog) -> None:
+    model = _small_cnn()
+    calib = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
+    pm = PassManager(parse_pipeline(text))
+    with caplog.at_level("INFO", logger="edgecc.passes.manager"):
+        pm.run(model, PassContext(calibration=lambda: iter(calib)))
+    last = pm.records[-1]
+    assert not last.modified
+    assert re.search(reason, last.info["no_change"]), last.info["no_change"]
+    line = next(r for r in caplog.records if "no change" in r.getMessage())
+    assert re.search(reason, line.getMessage())
+    housekeeping = last.spec.name in ("eliminate-dead", "remove-identity", "shape-inference")
+    assert line.levelname == ("INFO" if housekeeping else "WARNING")
+
+
+def test_effective_pipeline_is_logged_and_useless_disable_is_dropped(caplog) -> None:
+    with caplog.at_level("INFO", logger="edgecc.passes.manager"):
+        pm = PassManager(parse_pipeline("test-append-neg,fold-bn"), disabled=["fold-bn", "prune"])
+        pm.run(_model())
+    messages = [r.getMessage() for r in caplog.records]
+    assert "pipeline: test-append-neg (disabled: fold-bn)" in messages
+    assert any("--disable-pass prune has no effect" in m for m in messages)
+    assert pm.disabled == {"fold-bn"} and [s.name for s in pm.effective] == ["test-append-neg"]
+    assert pm.uses("test-append-neg") and not pm.uses("fold-bn")
+
+
+def test_rewritten_nodes_name_the_pass_that_rewrote_them() -> None:
+    out = PassManager(parse_pipeline("prune(ratio=0.5)")).run(_small_cnn())
+    origins = {n.name: node_origin(n) for n in out.graph.node}
+    assert origins["conv1"] == "input, rewritten by prune"
+    assert origins["conv2"] == "input, rewritten by prune"  # its input channels shrank
+    assert origins["relu1"] == "input"
+    assert origins["fc"] == "input, rewritten by prune"
