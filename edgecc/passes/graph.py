@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgecc.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -492,3 +494,21 @@ def why_unchanged(
     first = declined[0]
     where = first.get("node") or ", ".join(first.get("sources", [])) or "?"
     return f"all {len(declined)} candidates declined (first: {where}: {first.get('reason')})"
+
+
+def check_names(
+    model: onnx.ModelProto, option: str, names: Iterable[str], op_types: bool = True
+) -> None:
+    """Refuse names in a pass option (``qdq(keep_float=...)``, ``skip=...``) that match no node
+    (nor, with ``op_types``, any op type) of the graph: a typo would otherwise do nothing.
+
+    Raises:
+        UserInputError: naming the option and the unmatched names.
+    """
+    known = {n.name for n in model.graph.node}
+    if op_types:
+        known |= {n.op_type for n in model.graph.node}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        what = "node or op type" if op_types else "node"
+        raise UserInputError(f"{option}: no {what} named {', '.join(map(repr, unknown))}")

@@ -66,6 +66,7 @@ from edgecc.passes.calibration import METHODS, calibrated_range, make_observer, 
 from edgecc.passes.graph import (
     GraphIndex,
     attr,
+    check_names,
     const_value,
     fold_shape_reads,
     infer_types,
@@ -394,6 +395,7 @@ class InsertQDQ:
         self.keep_float, self.bins = as_list(keep_float), bins
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "qdq: keep_float", self.keep_float)
         if ctx.calibration is None:
             raise UserInputError(NO_CALIBRATION)
         if opset(model) < MIN_OPSET:

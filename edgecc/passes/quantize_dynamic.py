@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from edgecc.errors import UserInputError
-from edgecc.passes.graph import GraphIndex, value_consumers, why_unchanged
+from edgecc.passes.graph import GraphIndex, check_names, value_consumers, why_unchanged
 from edgecc.passes.insert_qdq import (
     MIN_OPSET,
     WeightQuantizer,
@@ -137,6 +137,7 @@ class QuantizeDynamic:
         self.skip, self.min_size = as_list(skip), int(min_size)
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "dynamic-quant: skip", self.skip)
         found, declined = find_weights(model, self.skip, self.min_size)
         info: dict[str, Any] = {"declined": declined, "bytes_before": model.ByteSize()}
         if not found:

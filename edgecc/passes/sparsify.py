@@ -28,6 +28,7 @@ import onnx
 from edgecc.errors import UserInputError
 from edgecc.passes.graph import (
     GraphIndex,
+    check_names,
     const_value,
     remove_dead_nodes,
     remove_if_unused,
@@ -61,6 +62,7 @@ class Sparsify:
         self.skip = {skip} if isinstance(skip, str) else set(skip)
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "sparsify: skip", self.skip, op_types=False)
         index = GraphIndex(model)
         weights, declined = self._weights(index)
         new = self._sparsify({name: value for name, (value, _) in weights.items()})

@@ -57,6 +57,7 @@ from edgecc.errors import UserInputError
 from edgecc.passes.graph import (
     GraphIndex,
     attr,
+    check_names,
     const_value,
     fold_shape_reads,
     infer_types,
@@ -239,6 +240,7 @@ class SplitLowRank:
         return f"ratio={self.ratio}" if self.ratio is not None else f"energy={self.energy}"
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "lowrank: skip", self.skip)
         groups, declined = find_layers(model, self.skip, self.min_size)
         index = GraphIndex(model)
         replacements: dict[str, list[onnx.NodeProto]] = {}

@@ -341,3 +341,22 @@ def test_rewritten_nodes_name_the_pass_that_rewrote_them() -> None:
     assert origins["conv2"] == "input, rewritten by prune"  # its input channels shrank
     assert origins["relu1"] == "input"
     assert origins["fc"] == "input, rewritten by prune"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("qdq(keep_float=[nope])", "qdq: keep_float: no node or op type named 'nope'"),
+        ("dynamic-quant(skip=nope)", "dynamic-quant: skip: no node or op type named 'nope'"),
+        ("lowrank(rank=2,skip=[conv1,nope])", "lowrank: skip: no node or op type named 'nope'"),
+        ("sparsify(skip=[Conv])", "sparsify: skip: no node named 'Conv'"),
+        ("prune(skip=[nope])", "prune: no node named 'nope'"),
+    ],
+)
+def test_names_matching_no_node_are_user_errors(text: str, message: str) -> None:
+    calib = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
+    with pytest.raises(UserInputError, match=message) as err:
+        PassManager(parse_pipeline(text)).run(
+            _small_cnn(), PassContext(calibration=lambda: iter(calib))
+        )
+    assert err.value.exit_code == 2
