@@ -326,3 +326,31 @@ def test_registered_in_pipeline() -> None:
     model = _conv_bn(rng)
     out = PassManager(parse_pipeline("fold-bn")).run(model)
     assert [n.op_type for n in out.graph.node] == ["Conv"]
+
+
+@pytest.mark.parametrize("bn_is_output", [False, True], ids=["inner", "graph-output"])
+def test_folded_conv_keeps_its_own_output_name(bn_is_output: bool) -> None:
+    """The folded Conv's tensor is named as a Conv output, not the BatchNorm's, unless the
+    BatchNorm's output is a graph output (whose name must not change)."""
+    rng = np.random.default_rng(4)
+    bn, params = _bn("/conv/Conv_output_0", "/bn/BatchNormalization_output_0", 4, rng)
+    out = "/bn/BatchNormalization_output_0" if bn_is_output else "y"
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["/conv/Conv_output_0"], name="conv"),
+        bn,
+        *([] if bn_is_output else [helper.make_node("Relu", [bn.output[0]], ["y"])]),
+    ]
+    model = _model(
+        nodes,
+        [_init("w", rng.standard_normal((4, 3, 1, 1))), *params],
+        [1, 3, 4, 4],
+        outputs=(out,),
+    )
+    folded = _fold(model).model
+    _assert_exact(model, folded, _x([1, 3, 4, 4]))
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    assert [o.name for o in folded.graph.output] == [out]
+    expected = out if bn_is_output else "/conv/Conv_output_0"
+    assert conv.output[0] == expected
+    names = {o for n in folded.graph.node for o in [*n.input, *n.output]}
+    assert ("/bn/BatchNormalization_output_0" in names) == bn_is_output
