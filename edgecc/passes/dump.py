@@ -192,17 +192,25 @@ def _cell(value: Any, column: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], tsv: bool = False) -> str:
-    """The per-pass summary as a tab-separated or aligned text table."""
+    """The per-pass summary as a tab-separated or aligned text table.
+
+    In the aligned table the ``pass`` text (as long as its options) is the last column, so a
+    long one cannot push the numbers out of line; the step name is the first.
+    """
     cols = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
+    if not tsv and "pass" in cols:
+        cols = [c for c in cols if c != "pass"] + ["pass"]
     cells = [[_cell(r.get(c), c) for c in cols] for r in rows]
     if tsv:
         return "\n".join("\t".join(r) for r in [list(cols), *cells]) + "\n"
-    widths = [
-        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
-    ]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
 
     def fmt_row(r: list[str]) -> str:
-        pairs = enumerate(zip(r, widths, strict=True))
-        return "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in pairs)
+        texts = {0, len(cols) - 1} if cols[-1] == "pass" else {0}
+        padded = [
+            v.ljust(w) if i in texts else v.rjust(w)
+            for i, (v, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
 
     return "\n".join(fmt_row(r) for r in [list(cols), *cells]) + "\n"

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import EdgeccError, PassError, UserInputError
-from edgecc.passes.dump import DumpInstrument
+from edgecc.passes.dump import DumpInstrument, format_table
 from edgecc.passes.manager import (
     PassContext,
     PassManager,
@@ -360,3 +360,32 @@ def test_names_matching_no_node_are_user_errors(text: str, message: str) -> None
             _small_cnn(), PassContext(calibration=lambda: iter(calib))
         )
     assert err.value.exit_code == 2
+
+
+def test_summary_table_stays_aligned_with_long_pass_texts() -> None:
+    long = "prune(ratio=0.3,skip=[a_very_long_node_name,another_one],overrides={x:0.1})"
+    rows = [
+        {"step": "000_input", "pass": "input", "modified": None, "nodes": 7, "cosine": None},
+        {
+            "step": "001_fold-constants",
+            "pass": "fold-constants",
+            "modified": False,
+            "nodes": 7,
+            "cosine": 1.0,
+        },
+        {"step": "002_prune", "pass": long, "modified": True, "nodes": 12345, "cosine": 0.98},
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["step", "modified", "nodes", "cosine", "pass"]
+    ends = {
+        line.rindex(word) + len(word)
+        for line, word in zip(lines, ["cosine", "-", "1.000000", "0.980000"], strict=True)
+    }
+    assert len(ends) == 1  # the numbers end in one column whatever the pass text's length
+    starts = {
+        line.rindex(p)
+        for line, p in zip(lines, ["pass", "input", "fold-constants", long], strict=True)
+    }
+    assert len(starts) == 1 and lines[3].endswith(long)
+    tsv = format_table(rows, tsv=True).splitlines()
+    assert tsv[0].split("\t") == ["step", "pass", "modified", "nodes", "cosine"]
