@@ -391,3 +391,184 @@ def test_zero_channels_through_many_ops_is_exact() -> None:
         t for t in result.model.graph.initializer if t.name == result.model.graph.node[4].input[3]
     )
     assert numpy_helper.to_array(sizes).tolist() == [1, 5, 8, 8]
+
+
+# -- CRNN-style recognisers: a conv feature map turned into a sequence ----------------------
+# Each graph: x (1, 2, H, 6) -> conv1 (C channels) -> Relu -> <to sequence> -> MatMul/Gemm ...
+# Only conv1's channels are pruned (overrides); the reference is the same graph in torch with
+# conv1's kept output channels, and the matching feature rows of the next weight, sliced by
+# hand: a wrong coupling through Transpose/Reshape/Squeeze/Flatten shows up as a mismatch.
+C, W = 20, 6
+
+
+def _seq_model(kind: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray], int]:
+    """The ONNX graph of ``kind``, its constants, and H (rows folded into features)."""
+    h = 1 if kind == "squeeze" else 4
+    rng = np.random.default_rng(11)
+    k = {"squeeze": C, "permute-reshape": C * h, "permute-flatten-gemm": C * h}[kind]
+    consts = {
+        "w1": rng.standard_normal((C, 2, 3, 3)),
+        "b1": rng.standard_normal(C),
+        "wm": rng.standard_normal((k, 10)),
+        "bm": rng.standard_normal(10),
+        "wo": rng.standard_normal((10, 3)),
+    }
+    conv = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+    ]
+    if kind == "squeeze":  # (1, C, 1, W) -> (1, C, W) -> (1, W, C)
+        consts["axes"] = np.array([2])
+        seq = [
+            helper.make_node("Squeeze", ["r1", "axes"], ["sq"], name="squeeze"),
+            helper.make_node("Transpose", ["sq"], ["s"], name="to_seq", perm=[0, 2, 1]),
+        ]
+    elif kind == "permute-reshape":  # (1, C, H, W) -> (1, W, C, H) -> (1, W, C*H)
+        consts["shape"] = np.array([1, W, C * h])
+        seq = [
+            helper.make_node("Transpose", ["r1"], ["t"], name="to_seq", perm=[0, 3, 1, 2]),
+            helper.make_node("Reshape", ["t", "shape"], ["s"], name="fold_ch"),
+        ]
+    else:  # (1, C, H, W) -> (1, W, C, H) -> Flatten(axis=2) -> (W, C*H) -> Gemm(transB)
+        consts["wm"] = consts["wm"].T.copy()
+        seq = [
+            helper.make_node("Transpose", ["r1"], ["t"], name="to_seq", perm=[0, 3, 1, 2]),
+            helper.make_node("Flatten", ["t"], ["s"], name="fold_ch", axis=2),
+        ]
+    if kind == "permute-flatten-gemm":
+        head = [helper.make_node("Gemm", ["s", "wm", "bm"], ["a"], name="fc1", transB=1)]
+    else:
+        head = [
+            helper.make_node("MatMul", ["s", "wm"], ["m"], name="fc1"),
+            helper.make_node("Add", ["m", "bm"], ["a"], name="fc1_bias"),
+        ]
+    head += [
+        helper.make_node("Relu", ["a"], ["ra"], name="relu2"),
+        helper.make_node("MatMul", ["ra", "wo"], ["y"], name="fc2"),
+    ]
+    ints = {"axes", "shape"}
+    graph = helper.make_graph(
+        conv + seq + head,
+        "crnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, h, W])],
+        [
+            helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, [W, 3] if kind == "permute-flatten-gemm" else [1, W, 3]
+            )
+        ],
+        [
+            numpy_helper.from_array(v.astype(np.int64 if n in ints else np.float32), n)
+            for n, v in consts.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return model, consts, h
+
+
+def _torch_sliced(
+    kind: str, consts: dict[str, np.ndarray], h: int, keep: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """The graph in torch with conv1's channels ``keep`` and the matching feature rows."""
+    t = {n: torch.from_numpy(v.astype(np.float32)) for n, v in consts.items()}
+    idx = torch.from_numpy(keep)
+    r = torch.relu(F.conv2d(torch.from_numpy(x), t["w1"][idx], t["b1"][idx], padding=1))
+    if kind == "squeeze":
+        seq, rows = r.squeeze(2).permute(0, 2, 1), idx
+    else:  # channel c owns features [c*H, (c+1)*H)
+        seq = r.permute(0, 3, 1, 2).reshape(1, W, len(keep) * h)
+        rows = (idx[:, None] * h + torch.arange(h)).reshape(-1)
+    wm = t["wm"] if kind != "permute-flatten-gemm" else t["wm"].T
+    if kind == "permute-flatten-gemm":
+        seq = seq.reshape(W, -1)
+    a = torch.relu(seq @ wm[rows] + t["bm"])
+    return (a @ t["wo"]).numpy()
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3])
+@pytest.mark.parametrize("kind", ["squeeze", "permute-reshape", "permute-flatten-gemm"])
+def test_crnn_sequence_coupling_matches_torch_slicing(kind: str, ratio: float) -> None:
+    model, consts, h = _seq_model(kind)
+    x = np.random.default_rng(5).standard_normal((1, 2, h, W)).astype(np.float32)
+    result = _prune(model, ratio=0.0, overrides={"conv1": ratio})
+    onnx.checker.check_model(result.model, full_check=True)
+    pruned = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    bias = next(v for n, v in pruned.items() if n.startswith("b1"))
+    keep = np.flatnonzero(np.isin(consts["b1"].astype(np.float32), bias))  # biases are unique
+    assert len(keep) == C - int(np.floor(ratio * C)) == len(bias)
+    out = run_onnx(result.model, {"x": x})["y"]
+    ref = _torch_sliced(kind, consts, h, keep, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    full = _torch_sliced(kind, consts, h, np.arange(C), x)  # the reference itself is right
+    np.testing.assert_allclose(run_onnx(model, {"x": x})["y"], full, rtol=1e-5, atol=1e-5)
+
+
+def _declined_reasons(model: onnx.ModelProto) -> list[str]:
+    result = _prune(model, ratio=0.3)
+    conv1 = [d for d in result.info["declined"] if d["sources"] == ["conv1"]]
+    assert len(conv1) == 1 and "conv1" not in [
+        s for g in result.info["groups"] for s in g["sources"]
+    ]
+    return conv1[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("perm", "shape", "reason"),
+    [
+        # (1, C, H, W) -> (1, C*H, W): the features of one time step mix channels and rows
+        (None, [1, C * 4, W], "fold_ch is not a flatten of the channel axis"),
+        # (1, W, H, C) -> (1, W, H*C): channel c owns the strided features h*C + c
+        ([0, 3, 2, 1], [1, W, 4 * C], "fold_ch is not a flatten of the channel axis"),
+    ],
+    ids=["reshape-before-transpose", "rows-outside-channels"],
+)
+def test_crnn_unprovable_fold_declines_the_group(perm, shape, reason) -> None:
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4)]
+    src = "c1"
+    if perm is not None:
+        nodes.append(helper.make_node("Transpose", ["c1"], ["t"], name="to_seq", perm=perm))
+        src = "t"
+    nodes.append(helper.make_node("Reshape", [src, "shape"], ["s"], name="fold_ch"))
+    if perm is None:
+        nodes.append(helper.make_node("Transpose", ["s"], ["st"], name="to_seq", perm=[0, 2, 1]))
+    k = shape[-1] if perm is not None else shape[1]
+    nodes.append(helper.make_node("MatMul", [nodes[-1].output[0], "wm"], ["y"], name="fc"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, W])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(rng.standard_normal((C, 2, 3, 3)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "b1"),
+            numpy_helper.from_array(np.array(shape, np.int64), "shape"),
+            numpy_helper.from_array(rng.standard_normal((k, 5)).astype(np.float32), "wm"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert reason in _declined_reasons(model)
+
+
+def test_gemm_contracting_over_the_batch_axis_is_not_coupled() -> None:
+    """(8, C) -> Transpose -> (C, 8) -> Gemm: Gemm contracts the batch axis, whose size happens
+    to equal the weight's rows; pruning the channels there would slice the wrong axis."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("Flatten", ["c1"], ["f"], name="flat"),
+        helper.make_node("Transpose", ["f"], ["t"], name="swap", perm=[1, 0]),
+        helper.make_node("Gemm", ["t", "wg"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(rng.standard_normal((8, 3, 1, 1)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+            numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "wg"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert "fc contracts or batches over 't'" in _declined_reasons(model)
