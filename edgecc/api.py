@@ -163,16 +163,19 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         check_coverage(loaded.model)  # fail before any pass or compile time is spent
 
         ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed)
-        if calib is not None:
+        dump = DumpInstrument(dump_dir, loaded.reference_outputs)
+        instruments = [dump] + ([FailureDumpInstrument(Path(dump_dir))] if dump_dir else [])
+        manager = PassManager(specs, instruments, disabled=disable_passes)
+        if calib is not None and not manager.uses("qdq"):  # not recorded: it had no effect
+            logger.warning("--calib has no effect: no qdq pass in the pipeline")
+        elif calib is not None:
             from edgecc.passes.calibration import load_calibration
 
             ctx.calibration, ctx.calibration_source = load_calibration(
                 calib, loaded.inputs, limit=calib_samples, seed=seed
             )
-        dump = DumpInstrument(dump_dir, loaded.reference_outputs)
-        instruments = [dump] + ([FailureDumpInstrument(Path(dump_dir))] if dump_dir else [])
-        manager = PassManager(specs, instruments, disabled=disable_passes)
-        say(f"running {len(specs)} passes: {format_pipeline(specs) or '(none)'}")
+        effective = manager.effective
+        say(f"running {len(effective)} passes: {format_pipeline(effective) or '(none)'}")
         final = manager.run(loaded.model, ctx)  # lower() checks coverage again before TVM
 
         shapes = {s.name: tuple(s.shape) for s in loaded.inputs}
@@ -201,7 +204,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "outputs": _io_entries(final, loaded.output_names, expected),
             "passes": [{"name": s.name, "options": dict(s.options)} for s in specs],
             "pipeline": format_pipeline(specs),
-            "disabled_passes": sorted(set(disable_passes)),
+            "disabled_passes": sorted(manager.disabled),
             "calibration": ctx.calibration_source,
             "library": {
                 "file": LIBRARY,

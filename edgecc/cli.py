@@ -148,7 +148,8 @@ def _target_names() -> str:
 @click.option(
     "--passes",
     default=None,
-    help="Pipeline text, e.g. 'fold-bn,prune(ratio=0.3),qdq'; default: the target's.",
+    help="Pipeline text, e.g. 'fold-bn,prune(ratio=0.3),qdq'; replaces the target's default "
+    "pipeline (see `edgecc targets`), it does not add to it.",
 )
 @click.option(
     "--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable)."

@@ -78,3 +78,30 @@ def test_cleanup_can_be_turned_off(net: torch.nn.Module, tmp_path: Path) -> None
     )
     assert pkg.manifest["pipeline"] == ""
     assert [r["step"] for r in pkg.report["passes"]] == ["000_input"]
+
+
+def test_options_without_effect_warn_and_are_not_recorded(
+    net: torch.nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--calib without qdq and --disable-pass of a pass not in the pipeline do nothing: each
+    gives a warning and stays out of the manifest; the progress line shows what really runs."""
+    x = torch.randn(1, 3, 16, 16)
+    said: list[str] = []
+    with caplog.at_level("WARNING"):
+        pkg = edgecc.compile(
+            net,
+            "x86",
+            example_inputs=(x,),
+            passes="fold-bn,prune(ratio=0.3)",
+            disable_passes=["prune", "qdq"],
+            calib="random",
+            cleanup=False,
+            out=tmp_path / "p",
+            progress=said.append,
+        )
+    warnings = [r.getMessage() for r in caplog.records]
+    assert "--calib has no effect: no qdq pass in the pipeline" in warnings
+    assert any("--disable-pass qdq has no effect" in w for w in warnings)
+    assert pkg.manifest["calibration"] is None
+    assert pkg.manifest["disabled_passes"] == ["prune"]
+    assert "running 1 passes: fold-bn" in said

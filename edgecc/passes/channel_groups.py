@@ -14,7 +14,9 @@ Coupling rules (x the data input, y the output):
     grouped Conv (depthwise too)  x's group j (C_in/g channels) <-> y's group j (C_out/g): whole
                                   groups go and the ``group`` attribute shrinks.
     Gemm (transA 0) / MatMul      constant 2-D weight: y's last axis is B's output axis, x's last
-                                  axis B's K axis; Gemm's C is an operand of y.
+                                  axis B's K axis (channels on another axis of x, e.g. after a
+                                  Transpose, are contracted or batched: locked, even when the
+                                  sizes happen to match); Gemm's C is an operand of y.
     Add Sub Mul Div Pow Max Min   operands with the channel dim <-> y, aligned from the right as
     Sum Mean PRelu Where ...      numpy broadcasts; size-1 dims broadcast and are left alone;
                                   constant operands are sliced.
@@ -522,6 +524,9 @@ class _Builder:
             self.lock(t, f"{self.name(node)}: transA=1, or the weight is not constant")
             return
         if t == a:
+            if self.spaces[t].axis != 1:  # Gemm contracts A's axis 1; axis 0 is the batch
+                self.lock(t, f"{self.name(node)} contracts or batches over {t!r}'s channel axis")
+                return
             self.param(node, 1, 1 if trans_b else 0, a, "weight_in")
             return
         self.add_space(y, 1)

@@ -1,7 +1,8 @@
 """The dump instrument: after every pass, the graph as ONNX and text, and one summary row.
 
 ``--dump-dir DIR`` writes ``000_input.onnx``, then ``NNN_<pass>.onnx`` (opens in Netron) and
-``NNN_<pass>.txt`` (one line per node: name, op, creating pass, inputs -> outputs with shapes)
+``NNN_<pass>.txt`` (one line per node: name, op, inputs -> outputs with shapes, and where it
+came from: ``# from input, rewritten by fold-bn, prune`` or ``# from qdq``)
 after each pass, and ``summary.tsv`` / ``summary.json`` with a row per pass: nodes,
 parameters, MACs, bytes, and max-abs-diff / cosine of the outputs against the float reference on
 the probe input (run with ONNX Runtime, optimisations off).
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from edgecc.passes.manager import Instrument, PassContext, PassResult, PassSpec, node_tag
+from edgecc.passes.manager import Instrument, PassContext, PassResult, PassSpec, node_origin
 from edgecc.report.compare import compare_outputs, run_onnx
 from edgecc.report.metrics import graph_stats
 
@@ -108,7 +109,7 @@ def listing(model: onnx.ModelProto) -> str:
         )
         lines.append(
             f"{node.name} = {node.op_type}({fmt(node.input)}) -> {fmt(node.output)}"
-            f"{' {' + attrs + '}' if attrs else ''}  # from {node_tag(node)}"
+            f"{' {' + attrs + '}' if attrs else ''}  # from {node_origin(node)}"
         )
     lines += [f"output {fmt([o.name])}" for o in g.output]
     return "\n".join(lines) + "\n"
@@ -191,17 +192,25 @@ def _cell(value: Any, column: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], tsv: bool = False) -> str:
-    """The per-pass summary as a tab-separated or aligned text table."""
+    """The per-pass summary as a tab-separated or aligned text table.
+
+    In the aligned table the ``pass`` text (as long as its options) is the last column, so a
+    long one cannot push the numbers out of line; the step name is the first.
+    """
     cols = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
+    if not tsv and "pass" in cols:
+        cols = [c for c in cols if c != "pass"] + ["pass"]
     cells = [[_cell(r.get(c), c) for c in cols] for r in rows]
     if tsv:
         return "\n".join("\t".join(r) for r in [list(cols), *cells]) + "\n"
-    widths = [
-        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
-    ]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
 
     def fmt_row(r: list[str]) -> str:
-        pairs = enumerate(zip(r, widths, strict=True))
-        return "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in pairs)
+        texts = {0, len(cols) - 1} if cols[-1] == "pass" else {0}
+        padded = [
+            v.ljust(w) if i in texts else v.rjust(w)
+            for i, (v, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
 
     return "\n".join(fmt_row(r) for r in [list(cols), *cells]) + "\n"

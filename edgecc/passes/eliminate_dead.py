@@ -95,4 +95,9 @@ class EliminateDead:
             "initializers": len(unused),
             "value_info": stale,
         }
-        return PassResult(model, bool(dead_ops or unused or stale), info)
+        return PassResult(
+            model,
+            bool(dead_ops or unused or stale),
+            info,
+            reason="no dead node, unused initializer or stale value_info",
+        )

@@ -59,6 +59,7 @@ from edgecc.passes.graph import (
     set_const_input,
     static_shape,
     value_consumers,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -125,7 +126,12 @@ class FoldBatchNorm:
                 continue
             orphaned.update(bn.input[1:])
         if not replace:
-            return PassResult(model, False, info)
+            why = (
+                why_unchanged(model, "fold-bn", info["declined"], "")
+                if info["declined"]
+                else "no BatchNormalization in the graph"
+            )
+            return PassResult(model, False, info, reason=why)
         nodes = [new for n in model.graph.node for new in replace.get(id(n), [n])]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
@@ -236,7 +242,7 @@ class FoldBatchNorm:
             return [add], old - set(node.input)
         else:
             _fold_bias(node, index, types, scale, shift, weight.dtype)
-        _redirect(target.last.output[0], bn.output[0], target.last, index)
+        _take_over(target.last.output[0], bn.output[0], target.last, index)
         return [], old - set(node.input)
 
     @staticmethod
@@ -319,6 +325,28 @@ def _fold_bias(
                 a.f = 1.0
     new = (b64 * scale + shift).astype(bias.dtype)
     set_const_input(index, node, 2, new, f"{node.name or 'b'}_bias_folded")
+
+
+def _take_over(old: str, bn_out: str, writer: onnx.NodeProto, index: GraphIndex) -> None:
+    """``writer`` (output ``old``) now computes the BatchNorm's output ``bn_out``.
+
+    Its tensor keeps the op's own name (``.../Conv_output_0``, not ``.../BatchNormalization_
+    output_0``) and the BatchNorm's readers are rewired, unless ``bn_out`` is a graph output or
+    read inside a subgraph: those names must not change, so ``writer`` writes ``bn_out``.
+    """
+    subgraph_reads = {
+        i
+        for n in index.graph.node
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.GRAPH
+        for sn in a.g.node
+        for i in sn.input
+    }
+    if bn_out in index.graph_outputs or bn_out in subgraph_reads:
+        _redirect(old, bn_out, writer, index)
+        return
+    for reader in index.consumers.get(bn_out, []):
+        reader.input[:] = [old if i == bn_out else i for i in reader.input]
 
 
 def _redirect(old: str, new: str, writer: onnx.NodeProto, index: GraphIndex) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgecc.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -447,3 +449,66 @@ def fold_shape_reads(model: onnx.ModelProto, names: Iterable[str]) -> int:
         if id(model.graph.node[i]) in dead:
             del model.graph.node[i]
     return len(dead)
+
+
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_QUANTIZED_OPS = frozenset(
+    {"MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear"}
+)
+
+
+def quantized_weights(model: onnx.ModelProto) -> int:
+    """How many weight ops read an already quantized weight (a DequantizeLinear output) or are
+    integer ops (``MatMulInteger``, ``QLinearConv``...): what ``qdq``/``dynamic-quant`` leave."""
+    index = GraphIndex(model)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type in _QUANTIZED_OPS:
+            count += 1
+        elif node.op_type in WEIGHT_OPS and len(node.input) > 1:
+            producer = index.producer.get(node.input[1])
+            count += producer is not None and producer.op_type == "DequantizeLinear"
+    return count
+
+
+def why_unchanged(
+    model: onnx.ModelProto, pass_name: str, declined: list[dict], nothing: str
+) -> str:
+    """One line saying why a pass changed nothing, for :attr:`PassResult.reason`.
+
+    Args:
+        model: the pass's input.
+        pass_name: the pass, for the advice "run it before qdq".
+        declined: the pass's ``info["declined"]`` entries (each with a ``reason``).
+        nothing: what to say when there was nothing to match at all.
+    """
+    if quantized_weights(model):
+        advice = (
+            "by an earlier qdq/dynamic-quant"
+            if pass_name in ("qdq", "dynamic-quant")
+            else f"(DequantizeLinear or integer ops); run {pass_name} before qdq/dynamic-quant"
+        )
+        return f"the weights are already quantized {advice}"
+    if not declined:
+        return nothing
+    first = declined[0]
+    where = first.get("node") or ", ".join(first.get("sources", [])) or "?"
+    return f"all {len(declined)} candidates declined (first: {where}: {first.get('reason')})"
+
+
+def check_names(
+    model: onnx.ModelProto, option: str, names: Iterable[str], op_types: bool = True
+) -> None:
+    """Refuse names in a pass option (``qdq(keep_float=...)``, ``skip=...``) that match no node
+    (nor, with ``op_types``, any op type) of the graph: a typo would otherwise do nothing.
+
+    Raises:
+        UserInputError: naming the option and the unmatched names.
+    """
+    known = {n.name for n in model.graph.node}
+    if op_types:
+        known |= {n.op_type for n in model.graph.node}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        what = "node or op type" if op_types else "node"
+        raise UserInputError(f"{option}: no {what} named {', '.join(map(repr, unknown))}")

@@ -62,7 +62,7 @@ class InferShapes:
             "removed": len(before_vi - after_vi),
         }
         if before_vi == after_vi and before_out == after_out:
-            return PassResult(model, False, info)
+            return PassResult(model, False, info, reason="every shape is already inferred")
         return PassResult(inferred, True, info)
 
     def _infer(self, model: onnx.ModelProto) -> onnx.ModelProto:

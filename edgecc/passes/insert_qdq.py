@@ -66,6 +66,7 @@ from edgecc.passes.calibration import METHODS, calibrated_range, make_observer, 
 from edgecc.passes.graph import (
     GraphIndex,
     attr,
+    check_names,
     const_value,
     fold_shape_reads,
     infer_types,
@@ -73,6 +74,7 @@ from edgecc.passes.graph import (
     remove_dead_nodes,
     remove_if_unused,
     topological_sort,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -393,6 +395,7 @@ class InsertQDQ:
         self.keep_float, self.bins = as_list(keep_float), bins
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "qdq: keep_float", self.keep_float)
         if ctx.calibration is None:
             raise UserInputError(NO_CALIBRATION)
         if opset(model) < MIN_OPSET:
@@ -410,8 +413,10 @@ class InsertQDQ:
             "kept_float": plan.kept_float,
         }
         if not plan.sites:
-            info["note"] = "no Conv/Gemm/MatMul to quantize"
-            return PassResult(model, False, info)
+            info["note"] = why_unchanged(
+                model, "qdq", plan.declined, "no float Conv/Gemm/MatMul to quantize"
+            )
+            return PassResult(model, False, info, reason=info["note"])
         seen = observe(
             model, plan.tensors, ctx.calibration(), lambda: make_observer(self.method, self.bins)
         )

@@ -5,6 +5,15 @@ A pass is any callable ``pass_(model, ctx) -> PassResult`` registered under a sh
 ``PassSpec(name, options)`` and also a text ``fold-bn,prune(ratio=0.3,round_to=8),qdq`` that
 round-trips through :func:`parse_pipeline` / :func:`format_pipeline`.
 
+Options are checked in one place, before any pass runs: the constructor's type hints are each
+pass's option schema (:func:`option_schema`), and :meth:`PassSpec.build` refuses an unknown or
+repeated option, or a value not of the declared type, with one line naming the pass, the option
+and the expected type (a :class:`~edgecc.errors.UserInputError`, exit code 2). Passes check only
+ranges and names.
+
+A pass that leaves the graph unchanged says why in one line (``PassResult.reason``); the
+manager logs it, and logs the effective pipeline (without the ``--disable-pass`` entries).
+
 Instruments (as in TVM's ``PassInstrument``) see every pass before and after it runs: dumps,
 timing and reference comparison live there, never inside passes. The manager itself gives new
 nodes a unique name and tags them with ``edgecc.pass=<name>`` metadata, so a dump shows where
@@ -14,10 +23,17 @@ every node came from.
 from __future__ import annotations
 
 import ast
+import collections.abc
+import hashlib
+import inspect
 import logging
+import math
 import re
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +46,8 @@ from edgecc.errors import EdgeccError, PassError, UserInputError
 logger = logging.getLogger(__name__)
 
 PASS_TAG = "edgecc.pass"
+# Passes that often have nothing to do (cleanup); their "no change" is logged at INFO, not WARNING.
+HOUSEKEEPING = frozenset({"fold-constants", "remove-identity", "eliminate-dead", "shape-inference"})
 
 
 @dataclass
@@ -40,11 +58,14 @@ class PassResult:
         model: the (possibly new) model.
         modified: True exactly when the graph changed.
         info: JSON-serialisable facts for the report (per-layer errors, declined rewrites, notes).
+        reason: when ``modified`` is False, one line saying why nothing changed (e.g. "no
+            BatchNormalization in the graph"); the manager logs it and records it in ``info``.
     """
 
     model: onnx.ModelProto
     modified: bool
     info: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
 
 
 @dataclass
@@ -105,12 +126,14 @@ class PassSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     def build(self) -> Pass:
+        """The pass object, after checking the options against the pass's schema."""
         passes = registered_passes()
         if self.name not in passes:
             raise UserInputError(f"unknown pass {self.name!r}; known passes: {', '.join(passes)}")
+        check_options(self.name, passes[self.name], self.options)
         try:
             return passes[self.name](**dict(self.options))
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise UserInputError(f"bad options for pass {self.name!r}: {err}") from err
 
     def text(self) -> str:
@@ -118,6 +141,102 @@ class PassSpec:
             return self.name
         opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options)
         return f"{self.name}({opts})"
+
+
+def option_schema(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Option name -> (type hint, default) a pass declares: its constructor's keyword arguments.
+
+    The hints are read with :func:`typing.get_type_hints`, so they are the pass's one schema.
+    """
+    init = cls.__init__
+    if init is object.__init__:
+        return {}
+    module = sys.modules.get(cls.__module__)
+    namespace = {**vars(collections.abc), **vars(typing), **(vars(module) if module else {})}
+    try:
+        hints = typing.get_type_hints(init, globalns=namespace)
+    except Exception:  # an unresolvable hint: accept any value for that option
+        hints = {}
+    return {
+        name: (hints.get(name, Any), p.default)
+        for name, p in inspect.signature(init).parameters.items()
+        if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def check_options(pass_name: str, cls: type, options: Sequence[tuple[str, Any]]) -> None:
+    """Refuse unknown or repeated options and values not of the declared type (one line each)."""
+    schema = option_schema(cls)
+    seen: set[str] = set()
+    for key, value in options:
+        if key in seen:
+            raise UserInputError(f"{pass_name}: option {key!r} given twice")
+        seen.add(key)
+        if key not in schema:
+            known = ", ".join(schema) or "none"
+            raise UserInputError(f"{pass_name}: unknown option {key!r}; its options: {known}")
+        hint = schema[key][0]
+        if not _conforms(value, hint):
+            raise UserInputError(
+                f"{pass_name}: option {key}={_format_value(value)} must be {_describe(hint)}"
+            )
+
+
+def _union_args(hint: Any) -> tuple[Any, ...] | None:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return None
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """True when ``value`` (as parsed from pipeline text) has the type ``hint`` describes."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if (args := _union_args(hint)) is not None:
+        return any(_conforms(value, a) for a in args)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (collections.abc.Mapping, dict):
+        key_t, val_t = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            _conforms(k, key_t) and _conforms(v, val_t) for k, v in value.items()
+        )
+    if origin in (collections.abc.Sequence, collections.abc.Iterable, list, tuple):
+        item = args[0] if args else Any
+        if isinstance(value, str):  # a str is a sequence of names of length one here
+            return _conforms(value, item)
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in words, for an error message."""
+    if (args := _union_args(hint)) is not None:
+        return " or ".join(_describe(a) for a in args)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (collections.abc.Mapping, dict):
+        key_t, val_t = args or (Any, Any)
+        return f"a map {{{_describe(key_t)}:{_describe(val_t)}}}"
+    if origin in (collections.abc.Sequence, collections.abc.Iterable, list, tuple):
+        return f"a list [...] of {_describe(args[0]) if args else 'values'}"
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a name"}
+    if hint is None or hint is type(None):
+        return "None"
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _format_value(value: Any) -> str:
@@ -134,7 +253,7 @@ def _parse_value(text: str) -> Any:
     text = text.strip()
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         pass
     if text.startswith("[") and text.endswith("]"):
         return [_parse_value(p) for p in _split_top(text[1:-1])] if text[1:-1].strip() else []
@@ -149,6 +268,9 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+MAX_NESTING = 8  # brackets deeper than this are refused (no pass option nests that deep)
+
+
 def _split_top(text: str) -> list[str]:
     """Split on commas that are not inside brackets or quotes."""
     parts, depth, quote, cur = [], 0, "", []
@@ -159,8 +281,14 @@ def _split_top(text: str) -> list[str]:
             quote = ch
         elif ch in "([{":
             depth += 1
+            if depth > MAX_NESTING:
+                raise UserInputError(
+                    f"brackets nested more than {MAX_NESTING} deep in the pipeline"
+                )
         elif ch in ")]}":
             depth -= 1
+            if depth < 0:
+                raise UserInputError(f"unbalanced brackets in {text!r}")
         elif ch == "," and depth == 0:
             parts.append("".join(cur))
             cur = []
@@ -189,9 +317,12 @@ def parse_pipeline(text: str) -> list[PassSpec]:
         options = []
         for part in _split_top(body or ""):
             key, eq, val = part.partition("=")
-            if not eq:
+            key = key.strip().replace("-", "_")
+            if not eq or not key.isidentifier():
                 raise UserInputError(f"option {part!r} of pass {name!r} needs the form key=value")
-            options.append((key.strip().replace("-", "_"), _parse_value(val)))
+            if key in dict(options):
+                raise UserInputError(f"{name}: option {key!r} given twice")
+            options.append((key, _parse_value(val)))
         specs.append(PassSpec(name, tuple(options)))
     return specs
 
@@ -255,8 +386,25 @@ class PassManager:
                 raise UserInputError(
                     f"--disable-pass {name!r}: unknown pass; known: {', '.join(known)}"
                 )
+        for name in sorted(self.disabled - {s.name for s in self.specs}):
+            logger.warning(
+                "--disable-pass %s has no effect: %s is not in the pipeline %s",
+                name,
+                name,
+                format_pipeline(self.specs) or "(empty)",
+            )
+            self.disabled.discard(name)  # not recorded as used
         self.passes = [s.build() for s in self.specs]  # fail on bad options before any work
         self.records: list[PassRecord] = []
+
+    @property
+    def effective(self) -> list[PassSpec]:
+        """The passes that will run: the pipeline without the disabled ones."""
+        return [s for s in self.specs if s.name not in self.disabled]
+
+    def uses(self, name: str) -> bool:
+        """True when a pass called ``name`` will run."""
+        return any(s.name == name for s in self.effective)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> onnx.ModelProto:
         ctx = ctx or PassContext()
@@ -264,6 +412,12 @@ class PassManager:
         tag_nodes(model, {}, "input")
         for inst in self.instruments:
             inst.before_pipeline(model, ctx)
+        skipped = [s.text() for s in self.specs if s.name in self.disabled]
+        logger.info(
+            "pipeline: %s%s",
+            format_pipeline(self.effective) or "(empty)",
+            f" (disabled: {', '.join(skipped)})" if skipped else "",
+        )
         for index, (spec, pass_) in enumerate(zip(self.specs, self.passes, strict=True), start=1):
             if spec.name in self.disabled:
                 logger.info("pass %d %s skipped (--disable-pass)", index, spec.name)
@@ -286,16 +440,22 @@ class PassManager:
                     f"{self._after(index)}"
                 ) from err
             seconds = time.perf_counter() - start
-            tag_nodes(result.model, {n.name: node_tag(n) for n in model.graph.node}, spec.name)
+            tag_nodes(result.model, _origins(model), spec.name)
             model = result.model
+            if not result.modified:
+                reason = result.reason or "nothing to do (the pass gave no reason)"
+                result.info.setdefault("no_change", reason)
             self.records.append(PassRecord(index, spec, result.modified, seconds, result.info))
-            logger.info(
-                "pass %d %s: %s in %.2fs",
-                index,
-                spec.text(),
-                "modified" if result.modified else "no change",
-                seconds,
-            )
+            if result.modified:
+                logger.info("pass %d %s: modified in %.2fs", index, spec.text(), seconds)
+            else:  # a compression pass that does nothing deserves a warning; housekeeping not
+                logger.log(
+                    logging.INFO if spec.name in HOUSEKEEPING else logging.WARNING,
+                    "pass %d %s: no change: %s",
+                    index,
+                    spec.text(),
+                    result.info["no_change"],
+                )
             for inst in self.instruments:
                 inst.after_pass(index, spec, result, seconds)
         return model
@@ -312,13 +472,58 @@ def clone(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def tag_nodes(model: onnx.ModelProto, previous: dict[str, str], pass_name: str) -> None:
-    """Name unnamed nodes uniquely and record which pass created each node.
+REWRITE_TAG = "edgecc.rewritten"
 
-    A node whose name existed before the pass keeps its old tag (even if the pass rebuilt it
-    through onnx-graphsurgeon, which drops metadata); any other node is tagged ``pass_name``.
+
+def _fingerprint(node: onnx.NodeProto, digests: Mapping[str, str]) -> str:
+    """The node without its metadata, plus the digests of the initializers it reads."""
+    bare = onnx.NodeProto()
+    bare.CopyFrom(node)
+    del bare.metadata_props[:]
+    body = bare.SerializeToString() + "|".join(digests.get(i, "") for i in node.input).encode()
+    return hashlib.sha1(body).hexdigest()
+
+
+def _digests(model: onnx.ModelProto) -> dict[str, str]:
+    return {
+        t.name: hashlib.sha1(t.SerializeToString()).hexdigest() for t in model.graph.initializer
+    }
+
+
+def _origins(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
+    """Node name -> (creating pass, passes that rewrote it, fingerprint), before a pass runs."""
+    digests = _digests(model)
+    return {
+        n.name: (node_tag(n), _meta(n, REWRITE_TAG), _fingerprint(n, digests))
+        for n in model.graph.node
+    }
+
+
+def _meta(node: onnx.NodeProto, key: str, default: str = "") -> str:
+    return next((p.value for p in node.metadata_props if p.key == key), default)
+
+
+def _set_meta(node: onnx.NodeProto, key: str, value: str) -> None:
+    for i in reversed(range(len(node.metadata_props))):
+        if node.metadata_props[i].key == key:
+            del node.metadata_props[i]
+    if value:
+        entry = node.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def tag_nodes(
+    model: onnx.ModelProto, previous: Mapping[str, tuple[str, str, str]], pass_name: str
+) -> None:
+    """Name unnamed nodes uniquely and record which pass created or rewrote each node.
+
+    A node whose name existed before the pass keeps its creator tag (even if the pass rebuilt
+    it through onnx-graphsurgeon, which drops metadata); when its inputs, attributes or the
+    initializers it reads changed, ``pass_name`` is added to its ``edgecc.rewritten`` list. Any
+    other node is tagged ``pass_name``. ``previous`` comes from :func:`_origins`.
     """
     used = {n.name for n in model.graph.node if n.name}
+    digests = _digests(model) if previous else {}
     counter = 0
     for node in model.graph.node:
         if not node.name:
@@ -326,17 +531,28 @@ def tag_nodes(model: onnx.ModelProto, previous: dict[str, str], pass_name: str) 
                 counter += 1
             node.name = f"{node.op_type}_{counter}"
             used.add(node.name)
-        tag = previous.get(node.name, pass_name) if previous else node_tag(node, pass_name)
-        for i in reversed(range(len(node.metadata_props))):
-            if node.metadata_props[i].key == PASS_TAG:
-                del node.metadata_props[i]
-        entry = node.metadata_props.add()
-        entry.key, entry.value = PASS_TAG, tag
+        if not previous:
+            tag, rewritten = node_tag(node, pass_name), _meta(node, REWRITE_TAG)
+        elif node.name in previous:
+            tag, rewritten, before = previous[node.name]
+            if _fingerprint(node, digests) != before and pass_name not in rewritten.split(","):
+                rewritten = f"{rewritten},{pass_name}" if rewritten else pass_name
+        else:
+            tag, rewritten = pass_name, ""
+        _set_meta(node, PASS_TAG, tag)
+        _set_meta(node, REWRITE_TAG, rewritten)
 
 
 def node_tag(node: onnx.NodeProto, default: str = "input") -> str:
     """The pass that created ``node`` (``input`` for nodes of the loaded model)."""
-    return next((p.value for p in node.metadata_props if p.key == PASS_TAG), default)
+    return _meta(node, PASS_TAG, default)
+
+
+def node_origin(node: onnx.NodeProto) -> str:
+    """Where ``node`` came from, e.g. ``input`` or ``input, rewritten by fold-bn, prune``."""
+    rewritten = _meta(node, REWRITE_TAG)
+    tag = node_tag(node)
+    return f"{tag}, rewritten by {rewritten.replace(',', ', ')}" if rewritten else tag
 
 
 class TimingInstrument(Instrument):

@@ -52,6 +52,7 @@ from edgecc.passes.graph import (
     remove_dead_nodes,
     remove_if_unused,
     set_const_input,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 from edgecc.report.metrics import graph_stats
@@ -142,7 +143,18 @@ class PruneChannels:
             mac_reduction=1 - macs_after / macs_before if macs_before else 0.0,
         )
         logger.info("prune: MACs %d -> %d", macs_before, macs_after)
-        return PassResult(model, bool(keep), info)
+        return PassResult(model, bool(keep), info, reason="" if keep else self._why(model, info))
+
+    def _why(self, model: onnx.ModelProto, info: dict[str, Any]) -> str:
+        """One line: why nothing was pruned."""
+        if info["groups"]:
+            largest = max(g["total"] for g in info["groups"])
+            return (
+                f"ratio {self.ratio:g} removes no channel from the {len(info['groups'])} "
+                f"prunable groups (the largest has {largest}; skip and round_to keep channels)"
+            )
+        nothing = "no Conv/Gemm/MatMul with a constant weight whose output channels can be cut"
+        return why_unchanged(model, "prune", info["declined"], nothing)
 
     def _ratio(self, group: ChannelGroup) -> float:
         ratios = [self.overrides[s] for s in group.sources if s in self.overrides]

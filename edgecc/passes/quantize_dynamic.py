@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from edgecc.errors import UserInputError
-from edgecc.passes.graph import GraphIndex, value_consumers
+from edgecc.passes.graph import GraphIndex, check_names, value_consumers, why_unchanged
 from edgecc.passes.insert_qdq import (
     MIN_OPSET,
     WeightQuantizer,
@@ -137,11 +137,13 @@ class QuantizeDynamic:
         self.skip, self.min_size = as_list(skip), int(min_size)
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "dynamic-quant: skip", self.skip)
         found, declined = find_weights(model, self.skip, self.min_size)
         info: dict[str, Any] = {"declined": declined, "bytes_before": model.ByteSize()}
         if not found:
             info["bytes_after"] = info["bytes_before"]
-            return PassResult(model, False, info)
+            why = why_unchanged(model, "dynamic-quant", declined, "no MatMul/Gemm weight")
+            return PassResult(model, False, info, reason=why)
         if opset(model) < MIN_OPSET:
             raise UserInputError(
                 f"dynamic-quant needs ONNX opset >= {MIN_OPSET} (per-channel "

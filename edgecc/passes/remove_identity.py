@@ -69,7 +69,8 @@ class RemoveIdentity:
             "declined": declined,
         }
         if not removed:
-            return PassResult(model, False, info)
+            why = f"{len(declined)} no-op nodes declined" if declined else "no no-op node"
+            return PassResult(model, False, info, reason=why)
         keep = [n for k, n in enumerate(graph.node) if k not in removed]
         copies = [onnx.NodeProto() for _ in keep]
         for copy, node in zip(copies, keep, strict=True):

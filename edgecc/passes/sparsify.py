@@ -28,10 +28,12 @@ import onnx
 from edgecc.errors import UserInputError
 from edgecc.passes.graph import (
     GraphIndex,
+    check_names,
     const_value,
     remove_dead_nodes,
     remove_if_unused,
     value_consumers,
+    why_unchanged,
 )
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -60,6 +62,7 @@ class Sparsify:
         self.skip = {skip} if isinstance(skip, str) else set(skip)
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "sparsify: skip", self.skip, op_types=False)
         index = GraphIndex(model)
         weights, declined = self._weights(index)
         new = self._sparsify({name: value for name, (value, _) in weights.items()})
@@ -88,7 +91,10 @@ class Sparsify:
                 node.input[1] = sparse
             orphaned.add(name)
         remove_if_unused(model, orphaned | remove_dead_nodes(model, orphaned))
-        return PassResult(model, bool(changed), info)
+        why = why_unchanged(
+            model, "sparsify", declined, f"no weight to sparsify at amount {self.amount}"
+        )
+        return PassResult(model, bool(changed), info, reason="" if changed else why)
 
     def _weights(self, index: GraphIndex) -> tuple[dict[str, tuple[np.ndarray, list]], list]:
         """Weight name -> (value, nodes reading it as weight), and the declined weights."""

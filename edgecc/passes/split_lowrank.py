@@ -57,6 +57,7 @@ from edgecc.errors import UserInputError
 from edgecc.passes.graph import (
     GraphIndex,
     attr,
+    check_names,
     const_value,
     fold_shape_reads,
     infer_types,
@@ -64,6 +65,7 @@ from edgecc.passes.graph import (
     remove_dead_nodes,
     remove_if_unused,
     value_consumers,
+    why_unchanged,
 )
 from edgecc.passes.insert_qdq import as_list, computed_weight, matches
 from edgecc.passes.manager import PassContext, PassResult, register
@@ -238,6 +240,7 @@ class SplitLowRank:
         return f"ratio={self.ratio}" if self.ratio is not None else f"energy={self.energy}"
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_names(model, "lowrank: skip", self.skip)
         groups, declined = find_layers(model, self.skip, self.min_size)
         index = GraphIndex(model)
         replacements: dict[str, list[onnx.NodeProto]] = {}
@@ -256,7 +259,8 @@ class SplitLowRank:
                 replacements[g.node.name] = _split_nodes(g, first, second, index, types)
         info: dict[str, Any] = {"option": self.option(), "layers": report, "declined": declined}
         if not replacements:
-            return PassResult(model, False, info)
+            why = why_unchanged(model, "lowrank", declined, "no Conv/Gemm/MatMul weight")
+            return PassResult(model, False, info, reason=why)
         orphans = {
             i
             for group in groups.values()
