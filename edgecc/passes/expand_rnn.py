@@ -31,8 +31,9 @@ order by the activations that take them, with the spec's defaults when the list 
 As cuDNN and ONNX Runtime do, the input projection of all steps is one MatMul per direction,
 ``X W^T + Wb (+ Rb)`` of shape ``(T, batch, gates * hidden)``; each step then does only the
 recurrent ``H R^T`` MatMul, so ``dynamic-quant`` finds two constant weights per direction
-(``W^T`` and ``R^T``, the latter shared by all steps). Steps with a zero state (no
-``initial_h``/``initial_c``) skip the terms that would multiply zero.
+(``W^T`` and ``R^T``, the latter shared by all steps; GRU with ``linear_before_reset=0`` splits
+``R`` into ``R_zr^T`` and ``R_h^T``). A first step with a zero state (no ``initial_h`` /
+``initial_c``, or constant zeros as torch exports) skips the terms that would multiply zero.
 
 Directions forward, reverse and bidirectional (the reverse pass walks ``t = T-1 .. 0`` and writes
 ``Y[t]``); ``layout`` 0 (``X: (T, batch, in)``, ``Y: (T, dirs, batch, hidden)``, states
@@ -280,8 +281,8 @@ def _expand(
     bld = _Builder(index, node, w.dtype)
 
     x = node.input[0] if layout == 0 else bld.op("Transpose", [node.input[0]], perm=[1, 0, 2])
-    h0 = _states(bld, node, 5, layout, dirs)
-    c0 = _states(bld, node, 6, layout, dirs) if op == "LSTM" else [None] * dirs
+    h0 = _states(bld, node, 5, layout, dirs, types)
+    c0 = _states(bld, node, 6, layout, dirs, types) if op == "LSTM" else [None] * dirs
     ys, hs, cs = [], [], []
     for d in range(dirs):
         wb, rb = (b[d, : gates * hidden], b[d, gates * hidden :]) if b is not None else (None, None)
@@ -320,10 +321,11 @@ def _reverse(direction: str, d: int) -> bool:
     return direction == "reverse" or (direction == "bidirectional" and d == 1)
 
 
-def _states(bld: _Builder, node: onnx.NodeProto, slot: int, layout: int, dirs: int) -> list:
+def _states(bld: _Builder, node: onnx.NodeProto, slot: int, layout: int, dirs: int, types) -> list:
     """Initial states per direction as ``(1, batch, hidden)`` tensors (None: zeros)."""
     name = node.input[slot] if slot < len(node.input) else ""
-    if not name:
+    value = const_value(bld.index, name, types) if name else None
+    if not name or (value is not None and not np.any(value)):  # torch exports zeros explicitly
         return [None] * dirs
     if layout:
         name = bld.op("Transpose", [name], perm=[1, 0, 2])

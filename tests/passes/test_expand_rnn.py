@@ -197,6 +197,17 @@ def test_constant_full_sequence_lens_and_partial_outputs(op: str) -> None:
     _check(*_model(op, seq_lens=lens, outputs=("Y",), direction="reverse"))
 
 
+def test_constant_zero_states_skip_the_first_recurrent_matmul() -> None:
+    model, feeds = _model("LSTM", steps=3)
+    zeros = np.zeros((1, BATCH, HIDDEN), np.float32)
+    model.graph.initializer.extend(
+        [onnx.numpy_helper.from_array(zeros, "h0"), onnx.numpy_helper.from_array(zeros, "c0")]
+    )
+    model.graph.node[0].input.extend(["", "h0", "c0"])
+    expanded = _check(model, feeds)
+    assert [n.op_type for n in expanded.graph.node].count("MatMul") == 1 + 2  # steps 2 and 3
+
+
 def _declined(model: onnx.ModelProto) -> str:
     result = ExpandRecurrent()(clone(model), PassContext())
     assert not result.modified
