@@ -183,3 +183,80 @@ def test_condition_with_several_elements_is_declined() -> None:
     assert {"node": "bad", "op": "If", "reason": "condition has 2 elements"} in result.info[
         "declined"
     ]
+
+
+def _sample_rate_switch(sample_rate: int) -> onnx.ModelProto:
+    """Conv, then ``If(sample_rate == 16000)``: 16 kHz passes the frames on, otherwise they are
+    repeated (a stand-in for resampling), so the branches' output shapes differ; a constant
+    scalar initializer holds the sample rate."""
+    rng = np.random.default_rng(0)
+    then = _branch("then", [helper.make_node("Relu", ["c"], ["t"])], ["t"])
+    other = _branch("else", [helper.make_node("Concat", ["c", "c"], ["e"], axis=2)], ["e"])
+    for g, length in ((then, 10), (other, 20)):
+        g.output[0].type.tensor_type.shape.CopyFrom(
+            helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 8, length]).tensor_type.shape
+        )
+    return onnx_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]),
+            helper.make_node("Equal", ["sample_rate", "sr16k"], ["is16k"]),
+            helper.make_node("If", ["is16k"], ["y"], then_branch=then, else_branch=other),
+            helper.make_node("Sigmoid", ["y"], ["z"]),
+        ],
+        [tensor("x", [1, 4, 10])],
+        [tensor("z", [1, 8, "frames"])],
+        {
+            "w": rng.standard_normal((8, 4, 3)).astype(np.float32),
+            "sample_rate": np.array(sample_rate, np.int64),
+            "sr16k": np.array(16000, np.int64),
+        },
+    )
+
+
+@pytest.mark.parametrize("sample_rate", [8000])
+def test_model_with_a_sample_rate_if_compiles_for_x86(sample_rate: int, tmp_path) -> None:
+    """Before: TVM imported the If and failed in VM codegen (internal error). Tolerance vs ONNX
+    Runtime on the original model: rtol 1e-5, atol 1e-6."""
+    import edgecc
+
+    model = _sample_rate_switch(sample_rate)
+    onnx.save(model, str(tmp_path / "sr.onnx"))
+    pkg = edgecc.compile(tmp_path / "sr.onnx", "x86", out=tmp_path / "pkg")
+    x = np.random.default_rng(2).standard_normal((1, 4, 10)).astype(np.float32)
+    got = pkg.run({"x": x})["z"]
+    expected = run_onnx(model, {"x": x})["z"]
+    assert got.shape == (1, 8, 10 if sample_rate == 16000 else 20)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_cond_on_a_buffer_compiles_for_x86(tmp_path) -> None:
+    """``torch.cond(self.sample_rate == 16000, ...)`` exports an If on a constant; tolerance vs
+    torch: rtol 1e-5, atol 1e-5."""
+    import torch
+
+    import edgecc
+
+    class Switch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+            self.register_buffer("sample_rate", torch.tensor(8000))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cond(
+                self.sample_rate == 16000,
+                lambda t: torch.relu(t) * 2.0,
+                lambda t: torch.sigmoid(t),
+                (self.conv(x),),
+            )
+
+    torch.manual_seed(0)
+    model = Switch().eval()
+    x = torch.randn(1, 4, 10)
+    pkg = edgecc.compile(model, "x86", example_inputs=(x,), out=tmp_path / "pkg")
+    assert "If" not in {
+        n.op_type for n in onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph.node
+    }
+    got = pkg.run({pkg.input_names[0]: x.numpy()})[pkg.output_names[0]]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
