@@ -155,3 +155,30 @@ def test_bidirectional_gru_keyword_spotter_x86_matches_torch(tmp_path: Path) -> 
     pkg = edgecc.compile(model, "x86", example_inputs=(_x(0),), out=tmp_path / "kws")
     x = _x(3)
     _assert_close(pkg.run({pkg.input_names[0]: x.numpy()})[pkg.output_names[0]], model(x))
+
+
+def test_declined_lstm_exits_3_naming_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """sequence_lens shorter than the sequence: expand-rnn declines, the CLI exits 3 with one
+    line naming the pass, and the warning gives the reason."""
+    from onnx import helper
+
+    from edgecc.errors import EXIT_UNSUPPORTED
+    from tests.models import onnx_model, tensor
+
+    rng = np.random.default_rng(0)
+    inits = {
+        "W": rng.normal(size=(1, 8, 3)).astype(np.float32),
+        "R": rng.normal(size=(1, 8, 2)).astype(np.float32),
+        "lens": np.array([4, 2], np.int32),
+    }
+    node = helper.make_node("LSTM", ["x", "W", "R", "", "lens"], ["y"], name="lstm", hidden_size=2)
+    model = onnx_model([node], [tensor("x", [4, 2, 3])], [tensor("y", [4, 1, 2, 2])], inits)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code = main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == EXIT_UNSUPPORTED
+    assert "sequence_lens [4, 2] differ from the sequence length 4" in caplog.text  # a warning
+    assert "LSTM x1 (e.g. lstm)" in err and "expand-rnn expands LSTM" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -89,7 +89,10 @@ def check_coverage(model: onnx.ModelProto, passes: Collection[str] = ()) -> None
         err = UnsupportedOperatorError([(op, counts[op], names[op]) for op in counts])
         hints = sorted({f"{EXPANDED_BY[op]} expands {op}" for op in counts if op in EXPANDED_BY})
         if hints:  # the pass did not run (--no-cleanup) or declined (its reason is in the log)
-            err.args = (f"{err}; {', '.join(hints)} when its sequence length is static",)
+            err.args = (
+                f"{err}; {', '.join(hints)} when its sequence length is static "
+                "(a warning gives the reason it declined)",
+            )
         raise err
 
 
