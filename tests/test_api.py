@@ -36,7 +36,9 @@ def net() -> torch.nn.Module:
 def test_compile_module_load_and_run(net: torch.nn.Module, tmp_path: Path) -> None:
     x = torch.randn(1, 3, 16, 16)
     pkg = edgecc.compile(net, "x86", example_inputs=(x,), passes="fold-bn", out=tmp_path / "pkg")
-    assert pkg.manifest["pipeline"] == "fold-constants,remove-identity,eliminate-dead,fold-bn"
+    assert pkg.manifest["pipeline"] == (
+        "fold-constants,expand-rnn,remove-identity,eliminate-dead,fold-bn"
+    )
     assert pkg.report["stats"]["final"]["nodes"] < pkg.report["stats"]["input"]["nodes"]
     (name,) = pkg.input_names
     out = edgecc.load(tmp_path / "pkg").run({name: x.numpy()})

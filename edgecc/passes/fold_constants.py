@@ -20,8 +20,17 @@ Declined, with the reason in ``info["declined"]``:
 * nodes with subgraphs, ops of non-standard domains, non-tensor results, and ops neither
   evaluator can run.
 
-Only the top-level graph is folded; subgraphs are left as they are (their outer-scope reads keep
-the constants they need alive).
+An ``If`` whose condition is constant (a ``Constant``, an initializer, or a value folded before
+it: exporters emit them for sample-rate or mode switches) is inlined: the taken branch's nodes
+replace it, its initializers become ``Constant`` nodes, every tensor it defines is renamed to a
+fresh name (also where nested subgraphs read it), and the branch outputs are renamed to the
+``If``'s output names (an output that is an outer-scope tensor or a branch constant goes through
+an ``Identity``, which ``remove-identity`` removes). The inlined nodes are then folded like any
+others, so nested constant ``If``s inline too. Declined: a condition with more than one element,
+and branches with sparse initializers.
+
+Only the top-level graph is folded; other subgraphs are left as they are (their outer-scope reads
+keep the constants they need alive).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgecc.passes.eliminate_dead import graph_reads
+from edgecc.passes.eliminate_dead import graph_reads, subgraphs
 from edgecc.passes.graph import attr, infer_types, remove_if_unused, static_shape
 from edgecc.passes.manager import PassContext, PassResult, register
 
@@ -78,7 +87,21 @@ class FoldConstants:
         }
         folded: list[onnx.NodeProto] = []
         declined: list[dict[str, str]] = []
-        for node in graph.node:
+        nodes = list(graph.node)
+        inlined: list[str] = []  # conditions of the inlined Ifs
+        k = 0
+        while k < len(nodes):
+            node = nodes[k]
+            k += 1
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] in values:
+                branch = _inline_if(node, values[node.input[0]], model)
+                if isinstance(branch, str):
+                    declined.append({"node": node.name, "op": "If", "reason": branch})
+                    continue
+                k -= 1
+                nodes[k : k + 1] = branch  # its nodes are visited next, so they fold too
+                inlined.append(node.input[0])
+                continue
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = _constant_value(node)
                 if value is not None:
@@ -94,11 +117,19 @@ class FoldConstants:
         info: dict[str, Any] = {
             "folded": len(folded),
             "ops": dict(Counter(n.op_type for n in folded)),
+            "inlined_if": len(inlined),
             "declined": declined,
         }
-        if not folded:
+        if not folded and not inlined:
             return PassResult(model, False, info)
-        self._rewrite(model, folded, values)
+        self._rewrite(model, nodes, folded, values, inlined)
+        if inlined:  # fold again with shapes inferred for the inlined tensors
+            again = self(model, ctx)
+            model = again.model
+            info["folded"] += again.info["folded"]
+            info["inlined_if"] += again.info["inlined_if"]
+            info["ops"] = dict(Counter(info["ops"]) + Counter(again.info["ops"]))
+            info["declined"] = again.info["declined"]
         return PassResult(model, True, info)
 
     def _fold(
@@ -142,12 +173,16 @@ class FoldConstants:
 
     @staticmethod
     def _rewrite(
-        model: onnx.ModelProto, folded: list[onnx.NodeProto], values: dict[str, np.ndarray]
+        model: onnx.ModelProto,
+        nodes: list[onnx.NodeProto],
+        folded: list[onnx.NodeProto],
+        values: dict[str, np.ndarray],
+        inlined: list[str],
     ) -> None:
         graph = model.graph
         gone = {id(n) for n in folded}
-        keep = [n for n in graph.node if id(n) not in gone]
-        orphans = {i for n in folded for i in n.input if i}
+        keep = [n for n in nodes if id(n) not in gone]
+        orphans = {i for n in folded for i in n.input if i} | set(inlined)
         copies = [onnx.NodeProto() for _ in keep]
         for copy, node in zip(copies, keep, strict=True):
             copy.CopyFrom(node)
@@ -166,6 +201,81 @@ class FoldConstants:
         del graph.value_info[:]
         graph.value_info.extend(fresh)
         logger.debug("folded %d nodes, removed %d orphaned constants", len(folded), len(removed))
+
+
+def _inline_if(
+    node: onnx.NodeProto, cond: np.ndarray, model: onnx.ModelProto
+) -> list[onnx.NodeProto] | str:
+    """The nodes replacing ``node`` (an ``If`` with the constant condition ``cond``), or why not."""
+    if cond.size != 1:
+        return f"condition has {cond.size} elements"
+    which = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
+    branch = next(a.g for a in node.attribute if a.name == which)
+    if branch.sparse_initializer:
+        return "branch has sparse initializers"
+    taken = _all_names(model.graph)
+    prefix = f"{node.name or 'If'}/{which[:4]}"
+
+    def fresh(base: str) -> str:
+        name, i = f"{prefix}/{base}", 0
+        while name in taken:
+            i += 1
+            name = f"{prefix}/{base}_{i}"
+        taken.add(name)
+        return name
+
+    defined = {t.name for t in branch.initializer} | {o for n in branch.node for o in n.output if o}
+    rename: dict[str, str] = {}
+    tail: list[onnx.NodeProto] = []
+    for out, target in zip(branch.output, node.output, strict=True):
+        if not target:
+            continue
+        producer_output = any(out.name in n.output for n in branch.node)
+        if producer_output and out.name not in rename:
+            rename[out.name] = target  # its producer writes the If's output directly
+        else:  # an outer-scope tensor, a branch constant, or an output listed twice
+            tail.append(helper.make_node("Identity", [out.name], [target], name=fresh("Identity")))
+    for name in sorted(defined - set(rename)):
+        rename[name] = fresh(name)
+    result = [
+        helper.make_node("Constant", [], [t.name], name=fresh("Constant"), value=t)
+        for t in branch.initializer
+    ]
+    for inner in branch.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(inner)
+        copy.name = fresh(inner.name or inner.op_type)
+        result.append(copy)
+    result.extend(tail)
+    for n in result:
+        _rename_node(n, rename)
+    return result
+
+
+def _rename_node(node: onnx.NodeProto, rename: dict[str, str]) -> None:
+    """Rename ``node``'s inputs and outputs, and the same names inside its subgraphs.
+
+    ONNX names are unique across a model (subgraphs may not shadow outer names), so a name of
+    ``rename`` found in a nested subgraph is always an outer-scope read of the renamed tensor.
+    """
+    node.input[:] = [rename.get(i, i) for i in node.input]
+    node.output[:] = [rename.get(o, o) for o in node.output]
+    for sub in subgraphs(node):
+        for inner in sub.node:
+            _rename_node(inner, rename)
+        for out in sub.output:  # a subgraph may return an outer-scope tensor as it is
+            out.name = rename.get(out.name, out.name)
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name in ``graph`` and its subgraphs, recursively."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
+    for n in graph.node:
+        names |= set(n.input) | set(n.output) | {n.name}
+        for sub in subgraphs(n):
+            names |= _all_names(sub)
+    return names
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:

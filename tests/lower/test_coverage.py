@@ -126,3 +126,19 @@ def test_sparse_constant_is_unsupported():
     add = helper.make_node("Add", ["x", "c"], ["y"], name="add")
     with pytest.raises(UnsupportedOperatorError, match="Constant\\(sparse_value\\) x1"):
         check_coverage(make_model([node, add], [X], [Y]))
+
+
+def test_recurrent_ops_pass_the_early_check_when_expand_rnn_runs():
+    """LSTM/GRU/RNN are expanded by edgecc's expand-rnn; without it the error names that pass."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1, 15, 4)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 15, 5)).astype(np.float32), "R"),
+    ]
+    seq = helper.make_tensor_value_info("seq", TensorProto.FLOAT, [3, 1, 4])
+    out = helper.make_tensor_value_info("h", TensorProto.FLOAT, [3, 1, 1, 5])
+    node = helper.make_node("GRU", ["seq", "W", "R"], ["h"], name="gru", hidden_size=5)
+    model = make_model([node], [seq], [out], inits)
+    check_coverage(model, passes={"fold-constants", "expand-rnn"})
+    with pytest.raises(UnsupportedOperatorError, match="expand-rnn expands GRU"):
+        check_coverage(model, passes={"fold-constants"})
