@@ -62,12 +62,13 @@ def test_bad_counts_are_refused(library, kwargs):
 
 def run_runner(library: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
     np.savez(work / "in.npz", **FEEDS)
-    return subprocess.run([sys.executable, str(RUNNER), str(library), str(work / "in.npz"),
-                           str(work / "out.npz"), *options], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(RUNNER), "--library", str(library),
+                           "--input", str(work / "in.npz"), "--output", str(work / "out.npz"),
+                           *options], capture_output=True, text=True)
 
 
 def test_timing_flags_keep_the_outputs(library, tmp_path):
-    proc = run_runner(library, tmp_path, "cpu", "--repeat", "3", "--timings",
+    proc = run_runner(library, tmp_path, "--device", "cpu", "--repeat", "3", "--timings",
                       str(tmp_path / "t.json"))
     assert proc.returncode == 0, proc.stderr
     with np.load(tmp_path / "out.npz") as data:
@@ -77,7 +78,7 @@ def test_timing_flags_keep_the_outputs(library, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--repeat", "3"], "timing needs both --repeat and --timings"),
+    (["--timings", "t.json"], "--warmup and --timings need --repeat"),
     (["--repeat", "x", "--timings", "t.json"], "--repeat needs a value"),
     (["--repeat", "0", "--timings", "t.json"], "--repeat must be >= 1"),
 ])
