@@ -27,12 +27,14 @@ from edgecc.package import (
     ONNX_MODEL,
     REFERENCE,
     REPORT,
+    WARN_COSINE,
     Package,
     read_arrays,
     save_reference,
     sha256_file,
     staged_output,
     write_json,
+    write_runner,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     trust_pickle: bool = False,
     seed: int = 0,
     probe: str | Path | Mapping[str, np.ndarray] | None = None,
+    min_cosine: float | None = None,
     progress: Progress | None = None,
 ) -> Package:
     """Compile a model for a target into a package folder at ``out``.
@@ -121,17 +124,23 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         probe: the input the reference and the per-pass comparisons use (``.npy``/``.npz``
             path or arrays by name; a leading dataset axis is cut to the batch); default a
             seeded N(0, 1) input. Give real data when lossy passes expect real inputs.
+        min_cosine: fail (:class:`edgecc.errors.CheckFailedError`, exit 4, no package written)
+            when the final graph's cosine against the source model's float reference on the
+            probe is below this; below 0.99 a warning is logged either way.
         progress: called with one-line progress messages.
 
     Returns:
         The written :class:`Package`.
+
+    Raises:
+        CheckFailedError: the agreement with the source is below ``min_cosine``.
     """
     from edgecc.frontend import load_model
     from edgecc.lower import check_coverage, check_toolchain, lower
     from edgecc.passes import PassContext, PassManager, PassSpec, format_pipeline, parse_pipeline
     from edgecc.passes.dump import DumpInstrument
     from edgecc.passes.manager import FailureDumpInstrument
-    from edgecc.report.compare import compare_outputs, run_onnx
+    from edgecc.report.compare import check_rule, compare_outputs, run_onnx
     from edgecc.targets import Target, get_target
 
     say = progress or (lambda msg: logger.info("%s", msg))
@@ -179,6 +188,9 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         effective = manager.effective
         say(f"running {len(effective)} passes: {format_pipeline(effective) or '(none)'}")
         final = manager.run(loaded.model, ctx)  # lower() checks coverage again before TVM
+        expected = run_onnx(final, loaded.probe_inputs)
+        graph_vs_reference = compare_outputs(expected, loaded.reference_outputs)
+        _gate_agreement(graph_vs_reference, min_cosine, format_pipeline(specs))
 
         shapes = {s.name: tuple(s.shape) for s in loaded.inputs}
         dtypes = {s.name: s.dtype for s in loaded.inputs}
@@ -186,9 +198,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         lib = lower(final, tgt, shapes, dtypes, staging / LIBRARY, progress=say)
 
         onnx.save(final, str(staging / ONNX_MODEL))
-        expected = run_onnx(final, loaded.probe_inputs)
         save_reference(staging / REFERENCE, loaded.probe_inputs, loaded.reference_outputs, expected)
-        graph_vs_reference = compare_outputs(expected, loaded.reference_outputs)
+        write_runner(staging)
 
         manifest = {
             "format": "edgecc-package/1",
@@ -217,6 +228,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             },
             "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
             "int8_execution": tgt.int8_execution,
+            "check": check_rule(final, expected),
         }
         write_json(staging / MANIFEST, manifest)
         rows = dump.rows
@@ -242,6 +254,23 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             dump.write_summary()
     say(f"wrote {out}")
     return Package(out)
+
+
+def _gate_agreement(agreement: Mapping[str, Any], min_cosine: float | None, pipeline: str) -> None:
+    """Warn below :data:`WARN_COSINE`, fail below ``min_cosine`` (cosine vs the source)."""
+    from edgecc.errors import CheckFailedError
+
+    cos = agreement["cosine"]
+    text = f"cosine {cos:.6f} against the source model's float reference on the probe input"
+    if agreement.get("nonfinite"):
+        text += f" ({agreement['nonfinite']} NaN/Inf output values where the source has none)"
+    if min_cosine is not None and not cos >= min_cosine:
+        raise CheckFailedError(
+            f"{text} is below --min-cosine {min_cosine} (pipeline {pipeline or '(none)'}); "
+            "no package written"
+        )
+    if not cos >= WARN_COSINE:
+        logger.warning("warning: %s is below %s: the passes changed the outputs", text, WARN_COSINE)
 
 
 def load(path: str | Path) -> Package:

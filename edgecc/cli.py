@@ -189,6 +189,12 @@ def _target_names() -> str:
     show_default=True,
     help="Seed of the probe input and random calibration.",
 )
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=None,
+    help="Exit 4 (no package) when the cosine vs the source model's float output is below this.",
+)
 def compile_cmd(
     model: Path,
     target: str,
@@ -204,6 +210,7 @@ def compile_cmd(
     probe: Path | None,
     trust_pickle: bool,
     seed: int,
+    min_cosine: float | None,
 ) -> None:
     """Compile MODEL (.pt, .pt2, .onnx) into a package for a target."""
     from edgecc.api import compile as compile_model
@@ -226,6 +233,7 @@ def compile_cmd(
         trust_pickle=trust_pickle,
         seed=seed,
         probe=probe,
+        min_cosine=min_cosine,
         progress=_progress,
     )
     rep, man = pkg.report, pkg.manifest
@@ -240,9 +248,10 @@ def compile_cmd(
     text = (
         f"compiled {model} for {man['target']['name']} -> {pkg.path}\n"
         f"{table}"
-        f"graph vs source reference: max_abs_diff {g['max_abs_diff']:.3g}, "
+        f"against the source model's float reference: max_abs_diff {g['max_abs_diff']:.3g}, "
         f"cosine {g['cosine']:.6f}\n"
-        f"library {rep['sizes']['library_bytes']} bytes ({man['library']['sha256'][:12]}), "
+        f"{_sizes(rep)}\n"
+        f"library sha256 {man['library']['sha256'][:12]}, "
         f"compiled in {rep['compile_seconds']:.1f}s, total {rep['total_seconds']:.1f}s"
         + (f"\ndumps in {dump_dir}" if dump_dir else "")
         + (
@@ -250,8 +259,20 @@ def compile_cmd(
             if man["library"].get("cuda_code")
             else ""
         )
+        + "".join(f"\nnote: {n}" for n in man["library"].get("notes", []))
     )
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
+
+
+def _sizes(report: dict[str, Any]) -> str:
+    """One line: the package's ONNX bytes (and the source's) beside the library's bytes."""
+    sizes = report.get("sizes", {})
+    src = sizes.get("source_onnx_bytes")
+    return (
+        f"bytes: model.onnx {sizes.get('onnx_bytes', '?')}"
+        + (f" (source {src})" if src else "")
+        + f", model.so {sizes.get('library_bytes', '?')}"
+    )
 
 
 def _check_writable_dir(path: Path, option: str) -> None:
@@ -294,12 +315,26 @@ def _check_writable_dir(path: Path, option: str) -> None:
     is_flag=True,
     help="Compare with ONNX Runtime on the package graph; exit 4 on mismatch.",
 )
-def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, check: bool) -> None:
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=None,
+    help="With --check: also exit 4 when the cosine vs the source model's output is below this.",
+)
+def run_cmd(
+    package: Path,
+    input_path: Path | None,
+    output_path: Path | None,
+    check: bool,
+    min_cosine: float | None,
+) -> None:
     """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation)."""
     import numpy as np
 
-    from edgecc.package import Package, read_arrays
+    from edgecc.package import WARN_COSINE, Package, read_arrays
 
+    if min_cosine is not None and not check:
+        raise UserInputError("--min-cosine needs --check")
     pkg = Package(package)
     inputs = read_arrays(input_path) if input_path else None
     feeds = pkg.prepare_inputs(inputs) if inputs is not None else pkg.probe_inputs()
@@ -324,26 +359,47 @@ def run_cmd(package: Path, input_path: Path | None, output_path: Path | None, ch
     if output_path:
         lines.append(f"outputs written to {output_path}")
     if check:
-        res = pkg.check(outputs, feeds)
+        res = pkg.check(outputs, feeds, min_cosine=min_cosine)
         data["check"] = res
-        e = res["vs_expected"]
-        lines.append(
-            f"check {'PASSED' if res['passed'] else 'FAILED'} "
-            "against ONNX Runtime on the package graph: "
-            f"max_abs_diff {e['max_abs_diff']:.3g}, max_rel_diff {e['max_rel_diff']:.3g} "
-            f"(limit {res['tolerance']['max_rel_diff']}), cosine {e['cosine']:.6f} "
-            f"(limit {res['tolerance']['cosine']})"
-        )
-        if "vs_reference" in res:
-            r = res["vs_reference"]
-            lines.append(
-                "against the source model's float reference: "
-                f"max_abs_diff {r['max_abs_diff']:.3g}, "
-                f"cosine {r['cosine']:.6f}"
-            )
+        lines += _check_lines(res, WARN_COSINE)
     _emit(data, "\n".join(lines))
     if check and not data["check"]["passed"]:
         sys.exit(EXIT_CHECK_FAILED)
+
+
+def _check_lines(res: dict[str, Any], warn_below: float) -> list[str]:
+    """The readable lines of a :meth:`Package.check` result."""
+    e, rule = res["vs_expected"], res["rule"]
+    if rule["kind"] == "quantized":
+        steps = max((m.get("steps", 0.0) for m in e["per_output"].values()), default=0.0)
+        limit = (
+            f"{steps:.3g} quantization steps (limit {rule['max_steps']:g}), "
+            f"cosine {e['cosine']:.6f} (limit {rule['min_cosine']})"
+        )
+    else:
+        limit = (
+            f"max_rel_diff {e['max_rel_diff']:.3g} (limit {rule['max_rel_diff']}), "
+            f"cosine {e['cosine']:.6f} (limit {rule['min_cosine']})"
+        )
+    lines = [
+        f"check {'PASSED' if res['passed'] else 'FAILED'} against ONNX Runtime on the package "
+        f"graph ({rule['kind']} rule): max_abs_diff {e['max_abs_diff']:.3g}, {limit}"
+    ]
+    lines += [f"  {f}" for f in res["failures"]]
+    r = res.get("vs_reference")
+    if r:
+        where = "" if res.get("reference_source", "").startswith("these") else " (at compile)"
+        lines.append(
+            f"against the source model's float reference{where}: "
+            f"max_abs_diff {r['max_abs_diff']:.3g}, cosine {r['cosine']:.6f}"
+            + (f" (min {res['min_cosine']})" if res.get("min_cosine") is not None else "")
+        )
+        if not r["cosine"] >= warn_below:
+            lines.append(
+                f"warning: cosine below {warn_below} against the source model: lossy passes "
+                "changed the outputs (gate with --min-cosine)"
+            )
+    return lines
 
 
 @cli.command("bench", epilog=_examples("edgecc bench build/m --repeat 100 --threads 4"))
@@ -361,10 +417,14 @@ def bench_cmd(package: Path, repeat: int, warmup: int, threads: int) -> None:
     text = (
         f"edgecc/TVM {e['median_ms']:.3f} ms (IQR {e['q1_ms']:.3f}-{e['q3_ms']:.3f}), "
         f"ONNX Runtime {o['median_ms']:.3f} ms (IQR {o['q1_ms']:.3f}-{o['q3_ms']:.3f}), "
-        f"{threads} threads: edgecc/ORT = {res['ratio']:.2f}x"
+        f"{threads} threads: "
+        + (
+            "no ratio: edgecc ran under qemu emulation, so its time says nothing about the "
+            "board (run the package's run.py --repeat N on the board)"
+            if res["ratio"] is None
+            else f"edgecc/ORT = {res['ratio']:.2f}x"
+        )
     )
-    if e.get("emulated"):
-        text += "\n(edgecc ran under qemu emulation: its time says nothing about the board)"
     _emit(res, text)
 
 
@@ -384,20 +444,23 @@ def inspect_cmd(package: Path) -> None:
             f"{i['name']}:{'x'.join(map(str, i['shape']))}:{i['dtype']}" for i in items
         )
 
-    lib = m["library"]
+    lib, t, src = m["library"], m["target"], m.get("source", {})
     text = "\n".join(
         [
             f"package   {pkg.path}",
-            f"target    {m['target']['name']}: {m['target']['description']}",
-            f"runs on   {m['target']['runtime_needs']}",
+            f"target    {t.get('name', '?')}: {t.get('description', '?')}",
+            f"runs on   {t.get('runtime_needs', '?')}",
             f"inputs    {io(m['inputs'])}",
             f"outputs   {io(m['outputs'])}",
-            f"source    {m['source']['format']} sha256 {m['source']['sha256']}",
-            f"pipeline  {m['pipeline'] or '(none)'}",
+            f"source    {src.get('format', '?')} sha256 {src.get('sha256', '?')}",
+            f"pipeline  {m.get('pipeline') or '(none)'}",
             f"library   {lib['file']} sha256 {lib['sha256']}"
             + (f", CUDA code: {lib['cuda_code']}" if lib.get("cuda_code") else ""),
-            f"int8      {m['int8_execution']}",
-            "versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+            *(f"note      {n}" for n in lib.get("notes", [])),
+            f"sizes     {_sizes(r)}",
+            *([f"int8      {m['int8_execution']}"] if pkg.uses_int8() else []),
+            f"check     {_rule_text(m.get('check'))}",
+            "versions  " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
             "",
             format_table(
                 [{k: v for k, v in row.items() if k != "info"} for row in r.get("passes", [])]
@@ -405,6 +468,17 @@ def inspect_cmd(package: Path) -> None:
         ]
     )
     _emit({"manifest": m, "report": r}, text)
+
+
+def _rule_text(rule: dict[str, Any] | None) -> str:
+    if not rule:
+        return "fp32 rule (recorded before rules were stored)"
+    if rule.get("kind") == "quantized":
+        return (
+            f"quantized rule: <= {rule['max_steps']:g} quantization steps per output, "
+            f"cosine >= {rule['min_cosine']}"
+        )
+    return f"fp32 rule: max_rel_diff <= {rule['max_rel_diff']}, cosine >= {rule['min_cosine']}"
 
 
 @cli.command("targets", epilog=_examples("edgecc targets", "edgecc --json targets"))

@@ -70,7 +70,14 @@ def x86_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_compile_summary_and_files(x86_package: Path) -> None:
     names = sorted(p.name for p in x86_package.iterdir())
-    assert names == ["manifest.json", "model.onnx", "model.so", "reference.npz", "report.json"]
+    assert names == [
+        "manifest.json",
+        "model.onnx",
+        "model.so",
+        "reference.npz",
+        "report.json",
+        "run.py",
+    ]
     manifest = json.loads((x86_package / "manifest.json").read_text())
     assert manifest["target"]["name"] == "x86"
     assert manifest["inputs"] == [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]

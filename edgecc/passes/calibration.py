@@ -71,6 +71,10 @@ RANDOM = "random"
 RANDOM_NOTE = "random data (accuracy figures are not meaningful)"
 DEFAULT_RANDOM_SAMPLES = 32
 DEFAULT_BATCH_SIZE = 8
+FINITE_BLOCK = 1024  # rows checked for NaN/Inf at a time
+# A calibrated activation beyond this magnitude is almost surely bad data (unnormalised pixels
+# are 255, logits tens): its int8 step is so coarse that typical values quantize to zero.
+ABSURD_RANGE = 1e6
 NO_PROGRESS_ENV = "EDGECC_NO_PROGRESS"
 
 
@@ -251,6 +255,7 @@ def load_calibration(
             "calibration: %d samples left over after batches of %d are not used", dropped, batch
         )
     used = total - dropped
+    _check_finite(chunks, specs, used, spec)
     shapes = ", ".join(f"{s.name}: {_shape_text(next(c[s.name] for c in chunks))}" for s in specs)
     description = f"{spec} ({what}): {used} samples ({shapes}), batches of {batch}"
 
@@ -260,6 +265,32 @@ def load_calibration(
     data = CalibrationData(specs, used, batch, batches, description)
     logger.info("calibration: %s", description)
     return data, description
+
+
+def _check_finite(
+    chunks: Sequence[Mapping[str, np.ndarray]], specs: Sequence[InputSpec], used: int, spec: str
+) -> None:
+    """Refuse NaN/Inf in the first ``used`` float rows (read in blocks: memmaps stay cheap)."""
+    seen = 0
+    for chunk in chunks:
+        size = min(len(next(iter(chunk.values()))), used - seen)
+        for s in specs:
+            array = chunk[s.name]
+            if array.dtype.kind not in "fc":
+                continue
+            for start in range(0, size, FINITE_BLOCK):
+                block = np.asarray(array[start : min(size, start + FINITE_BLOCK)])
+                finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+                if not finite.all():
+                    bad = int(np.count_nonzero(~np.isfinite(block)))
+                    row = seen + start + int(np.argmin(finite))
+                    raise UserInputError(
+                        f"calibration data {spec!r}: input {s.name!r} has {bad} NaN/Inf values "
+                        f"(first in sample {row}): calibration needs finite data"
+                    )
+        seen += size
+        if seen >= used:
+            return
 
 
 def _batch_size(specs: Sequence[InputSpec], requested: int) -> int:
@@ -409,11 +440,18 @@ class MinMaxObserver:
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
+        self.nonfinite = 0  # NaN/Inf values seen (kept out of min and max)
 
     def update(self, x: np.ndarray) -> None:
-        """Fold one batch of values in."""
+        """Fold one batch of values in (NaN and Inf are counted in ``nonfinite``, not ranged)."""
         if x.size == 0:
             return
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+            x = x[finite]
+            if x.size == 0:
+                return
         self.min = min(self.min, float(np.min(x)))
         self.max = max(self.max, float(np.max(x)))
         self.count += x.size
@@ -638,4 +676,31 @@ def observe(
         count += 1
     if count == 0:
         raise UserInputError("calibration data gave no batches")
+    _check_ranges(observers)
     return Observation(observers, samples, count)
+
+
+def _check_ranges(observers: Mapping[str, MinMaxObserver]) -> None:
+    """Refuse tensors that went NaN/Inf on the calibration data; warn on absurd ranges."""
+    for name, obs in observers.items():
+        if obs.nonfinite:
+            raise UserInputError(
+                f"calibration: tensor {name!r} takes {obs.nonfinite} NaN/Inf values on the "
+                "calibration data: the data overflow float32 in the model; check its scale"
+            )
+    absurd = [
+        (name, obs.range())
+        for name, obs in observers.items()
+        if max(map(abs, obs.range())) > ABSURD_RANGE
+    ]
+    if absurd:
+        name, (lo, hi) = absurd[0]
+        logger.warning(
+            "calibration: %d tensors have ranges beyond +-%.0e (e.g. %r: [%.3g, %.3g]): the "
+            "int8 step is so coarse that typical values quantize to zero; check the data's scale",
+            len(absurd),
+            ABSURD_RANGE,
+            name,
+            lo,
+            hi,
+        )

@@ -1,7 +1,8 @@
 """Run compiled libraries: natively on the host, or aarch64 CPU libraries under qemu emulation.
 
 Every run goes through the standalone :mod:`edgecc.runtime._runner` script in a subprocess, so
-edgecc itself never loads TVM here and the same script runs on the board. Where it runs:
+edgecc itself never loads TVM here and the same script runs on the board (every package holds a
+copy as ``run.py``). Where it runs:
 
 * target arch == host arch, CPU: ``sys.executable _runner.py ...``;
 * aarch64 CPU target on an x86-64 host: the cached aarch64 Python under ``qemu-aarch64``
@@ -113,9 +114,13 @@ def _call_runner(
     cmd = [
         *command,
         str(RUNNER),
+        "--library",
         str(Path(library).resolve()),
+        "--input",
         str(feeds),
+        "--output",
         str(results),
+        "--device",
         device,
         *options,
     ]
@@ -125,7 +130,7 @@ def _call_runner(
         lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
         raise EdgeccError(f"running {Path(library).name} for {target.name} failed: {lines[-1]}")
     with np.load(results, allow_pickle=False) as data:
-        return [data[f"out{i}"] for i in range(len(data.files))]
+        return [data[k] for k in data.files]  # in the model's output order
 
 
 def _launcher(

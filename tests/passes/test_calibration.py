@@ -292,3 +292,60 @@ def test_progress_bar_is_off_when_asked(monkeypatch):
     assert progress(range(3), "x").disable
     monkeypatch.delenv(NO_PROGRESS_ENV)
     assert progress(range(3), "x").disable  # pytest captures stderr: not a tty
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite and absurd calibration data (refused / warned, never silently accepted)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("layout", ["npz", "folder"])
+def test_non_finite_calibration_data_is_refused(tmp_path, bad, layout):
+    x = _rng().normal(size=(20, 3, 4, 4)).astype(np.float32)
+    x[13, 1, 2, 3] = bad
+    if layout == "npz":
+        np.savez(tmp_path / "c.npz", x=x)
+        spec = str(tmp_path / "c.npz")
+    else:
+        (tmp_path / "d").mkdir()
+        np.save(tmp_path / "d" / "a.npy", x[:10])
+        np.save(tmp_path / "d" / "b.npy", x[10:])
+        spec = str(tmp_path / "d")
+    with pytest.raises(UserInputError, match=r"1 NaN/Inf values \(first in sample 13\)"):
+        load_calibration(spec, SPECS, batch_size=8)
+
+
+def test_non_finite_beyond_the_sample_limit_is_not_read(tmp_path):
+    x = _rng().normal(size=(20, 3, 4, 4)).astype(np.float32)
+    x[15:] = np.nan
+    np.savez(tmp_path / "c.npz", x=x)
+    data, _ = load_calibration(str(tmp_path / "c.npz"), SPECS, batch_size=8, limit=10)
+    assert data.num_samples == 10
+
+
+def test_minmax_observer_counts_nan_instead_of_dropping_it():
+    obs = MinMaxObserver()
+    obs.update(np.array([1.0, np.nan, -2.0, np.inf], np.float32))
+    assert obs.range() == (-2.0, 1.0) and obs.nonfinite == 2
+
+
+def test_activations_that_overflow_are_refused(monkeypatch):
+    monkeypatch.setenv(NO_PROGRESS_ENV, "1")
+    x = np.full((4, 6), 1e30, np.float32)  # finite data, but x @ w overflows float32
+    model = _linear_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((6, 4), 1e20, "f"), "w"))
+    with pytest.raises(UserInputError, match="tensor 'h' takes 16 NaN/Inf values"):
+        observe(model, ["x", "h"], [{"x": x}], MinMaxObserver)
+
+
+def test_absurd_ranges_are_warned(monkeypatch, caplog):
+    monkeypatch.setenv(NO_PROGRESS_ENV, "1")
+    x = _rng().normal(size=(4, 6)).astype(np.float32) * np.float32(1e30)
+    with caplog.at_level("WARNING", logger="edgecc.passes.calibration"):
+        observe(_linear_model(), ["x"], [{"x": x}], MinMaxObserver)
+    (record,) = caplog.records
+    assert "1 tensors have ranges beyond +-1e+06" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgecc.passes.calibration"):
+        observe(_linear_model(), ["x"], [{"x": x / np.float32(1e30)}], MinMaxObserver)
+    assert not caplog.records
