@@ -32,9 +32,8 @@ def conv_net() -> onnx.ModelProto:
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node(
-            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn"
-        ),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"],
+                         name="bn"),
         helper.make_node("Relu", ["n"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap"),
     ]
@@ -49,14 +48,10 @@ def two_in_two_out() -> onnx.ModelProto:
         helper.make_node("MatMul", ["a", "b"], ["mm"], name="matmul"),
         helper.make_node("Softmax", ["a"], ["sm"], name="softmax", axis=-1),
     ]
-    inputs = [
-        helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
-        helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 4]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("mm", TensorProto.FLOAT, [2, 4]),
-        helper.make_tensor_value_info("sm", TensorProto.FLOAT, [2, 3]),
-    ]
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 4])]
+    outputs = [helper.make_tensor_value_info("mm", TensorProto.FLOAT, [2, 4]),
+               helper.make_tensor_value_info("sm", TensorProto.FLOAT, [2, 3])]
     return make_model(nodes, inputs, outputs)
 
 
@@ -64,16 +59,14 @@ def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded float32 inputs for every graph input, in the model's input order."""
     rng = np.random.default_rng(seed)
     return {
-        i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(
-            np.float32
-        )
+        i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim])
+        .astype(np.float32)
         for i in model.graph.input
     }
 
 
 def shapes_of(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """``(input_shapes, input_dtypes)`` as :func:`edgecc.lower.lower` takes them."""
-    shapes = {
-        i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input
-    }
+    shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+              for i in model.graph.input}
     return shapes, dict.fromkeys(shapes, "float32")

@@ -78,13 +78,8 @@ def test_x86_two_inputs_two_outputs_keep_their_order(tmp_path):
 
 def test_x86_torch_export_without_optimizer(tmp_path):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 8 * 8, 5),
-    )
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
     net[1].running_mean.uniform_(-0.5, 0.5)
     net[1].running_var.uniform_(0.5, 1.5)
     net.eval()
@@ -97,43 +92,27 @@ def test_x86_torch_export_without_optimizer(tmp_path):
 
 def test_constant_value_ints_is_accepted(tmp_path):
     """TVM's importer reads only ``Constant.value``; lower() rewrites ``value_ints``."""
-    nodes = [
-        helper.make_node("Constant", [], ["shape"], name="k", value_ints=[3, 2]),
-        helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape"),
-    ]
-    model = make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])],
-    )
+    nodes = [helper.make_node("Constant", [], ["shape"], name="k", value_ints=[3, 2]),
+             helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])])
     assert_matches_ort(model, lower_model(model, "x86", tmp_path / "m.so"), "x86")
 
 
 def test_conversion_failure_names_the_operator(tmp_path):
     """Expand of a Shape output passes the coverage check but TVM 0.27 cannot import it."""
-    nodes = [
-        helper.make_node("Shape", ["x"], ["s"], name="shape"),
-        helper.make_node("Expand", ["s", "reps"], ["y"], name="expand"),
-    ]
-    model = make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, 2])],
-        [helper.make_tensor("reps", TensorProto.INT64, [2], [2, 2])],
-    )
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Expand", ["s", "reps"], ["y"], name="expand")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.INT64, [2, 2])],
+                       [helper.make_tensor("reps", TensorProto.INT64, [2], [2, 2])])
     with pytest.raises(OperatorConversionError, match="cannot convert Expand \\(e.g. expand\\)"):
         lower_model(model, "x86", tmp_path / "m.so")
     assert not (tmp_path / "m.so").exists()
 
 
-@pytest.mark.parametrize(
-    "target",
-    [
-        "x86",
-        pytest.param("rpi4", marks=needs_cross),
-        pytest.param("jetson-orin", marks=needs_cross),
-    ],
-)
+@pytest.mark.parametrize("target", ["x86", pytest.param("rpi4", marks=needs_cross),
+                                    pytest.param("jetson-orin", marks=needs_cross)])
 def test_reproducible(tmp_path, target):
     first = lower_model(conv_net(), target, tmp_path / "a" / "m.so")
     second = lower_model(conv_net(), target, tmp_path / "b" / "m.so")
@@ -185,9 +164,8 @@ def test_jetson_xavier_sm72(tmp_path):
     if nvcc is not None and "sm_72" not in nvcc.archs:  # CUDA 13 dropped Volta
         with pytest.raises(ToolchainError) as info:
             lower_model(conv_net(), "jetson-xavier", tmp_path / "m.so")
-        assert str(info.value).startswith(
-            f"CUDA {nvcc.release}'s nvcc cannot build sm_72 (jetson-xavier)"
-        )
+        assert str(info.value).startswith(f"CUDA {nvcc.release}'s nvcc cannot build sm_72 "
+                                          "(jetson-xavier)")
         assert info.value.exit_code == EXIT_TOOLCHAIN
         assert not (tmp_path / "m.so").exists()
     else:
@@ -198,13 +176,9 @@ def test_jetson_xavier_sm72(tmp_path):
 
 def test_missing_cross_compiler_is_a_toolchain_error(tmp_path, monkeypatch):
     real_which = shutil.which
-    monkeypatch.setattr(
-        shutil, "which", lambda name, *a, **k: None if "aarch64" in name else real_which(name)
-    )
-    with pytest.raises(
-        ToolchainError,
-        match="aarch64-linux-gnu-gcc for rpi4 not found on PATH: "
-        "install the Debian package gcc-aarch64-linux-gnu",
-    ):
+    monkeypatch.setattr(shutil, "which",
+                        lambda name, *a, **k: None if "aarch64" in name else real_which(name))
+    with pytest.raises(ToolchainError, match="aarch64-linux-gnu-gcc for rpi4 not found on PATH: "
+                                             "install the Debian package gcc-aarch64-linux-gnu"):
         lower_model(conv_net(), "rpi4", tmp_path / "m.so")
     assert not (tmp_path / "m.so").exists()

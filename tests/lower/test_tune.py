@@ -25,18 +25,13 @@ def matmul_relu_model():
     rng = np.random.default_rng(0)
     w = helper.make_tensor("w", TensorProto.FLOAT, [32, 16], rng.standard_normal((32, 16)).ravel())
     b = helper.make_tensor("b", TensorProto.FLOAT, [16], rng.standard_normal(16))
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["xw"]),
-        helper.make_node("Add", ["xw", "b"], ["z"]),
-        helper.make_node("Relu", ["z"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 16])],
-        [w, b],
-    )
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("Add", ["xw", "b"], ["z"]),
+             helper.make_node("Relu", ["z"], ["y"])]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 16])],
+                              [w, b])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -44,16 +39,9 @@ def matmul_relu_model():
 @pytest.mark.parametrize("builder", ["inprocess", "local"])
 def test_tuned_library_matches_onnx_runtime(tmp_path, builder):
     model = matmul_relu_model()
-    lib = lower_tuned(
-        model,
-        get_target("x86"),
-        {"x": (8, 32)},
-        {"x": "float32"},
-        tmp_path / "m.so",
-        trials_per_task=2,
-        work_dir=tmp_path / "tuning",
-        builder=builder,
-    )
+    lib = lower_tuned(model, get_target("x86"), {"x": (8, 32)}, {"x": "float32"},
+                      tmp_path / "m.so", trials_per_task=2, work_dir=tmp_path / "tuning",
+                      builder=builder)
     assert lib.details["tuning"]["builder"] == builder
     assert lib.details["tuning"]["kernels_tuned"] >= 1
     assert lib.details["tuning"]["trials_per_task"] == 2
@@ -65,40 +53,23 @@ def test_tuned_library_matches_onnx_runtime(tmp_path, builder):
 
 def test_refuses_targets_it_cannot_time_here(tmp_path):
     with pytest.raises(ToolchainError, match="rpi4 is not a x86_64 CPU target"):
-        lower_tuned(
-            matmul_relu_model(),
-            get_target("rpi4"),
-            {"x": (8, 32)},
-            {"x": "float32"},
-            tmp_path / "m.so",
-        )
+        lower_tuned(matmul_relu_model(), get_target("rpi4"), {"x": (8, 32)}, {"x": "float32"},
+                    tmp_path / "m.so")
 
 
 def test_bad_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="need trials_per_task >= 1 and builder"):
-        lower_tuned(
-            matmul_relu_model(),
-            get_target("x86"),
-            {"x": (8, 32)},
-            {"x": "float32"},
-            tmp_path / "m.so",
-            trials_per_task=0,
-        )
+        lower_tuned(matmul_relu_model(), get_target("x86"), {"x": (8, 32)}, {"x": "float32"},
+                    tmp_path / "m.so", trials_per_task=0)
 
 
 def test_registrar_imports_only_the_target_intrinsics():
-    code = (
-        "import sys\nfrom edgecc.lower.tune import intrinsics_registrar\n"
-        "intrinsics_registrar('x86_64')()\nimport tvm.s_tir.tensor_intrin\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin.'))\n"
-        "print(','.join(loaded))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )  # this checkout's edgecc
+    code = ("import sys\nfrom edgecc.lower.tune import intrinsics_registrar\n"
+            "intrinsics_registrar('x86_64')()\nimport tvm.s_tir.tensor_intrin\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin.'))\n"
+            "print(','.join(loaded))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])  # this checkout's edgecc
     assert proc.returncode == 0, proc.stderr
     assert "tvm.s_tir.tensor_intrin.x86" in proc.stdout.strip().split(",")
     assert "tvm.s_tir.tensor_intrin.cuda" not in proc.stdout

@@ -58,9 +58,8 @@ def test_limit_and_model_spec(tmp_path):
     assert "40 samples" in desc
 
 
-@pytest.mark.parametrize(
-    "specs", [{"x": (None, 6)}, {"x": ([None, 6], "float32")}, [InputSpec("x", (None, 6))]]
-)
+@pytest.mark.parametrize("specs", [
+    {"x": (None, 6)}, {"x": ([None, 6], "float32")}, [InputSpec("x", (None, 6))]])
 def test_input_specs_in_any_form(tmp_path, specs):
     np.savez(tmp_path / "c.npz", x=np.zeros((5, 6)))
     data, _ = load_calibration(str(tmp_path / "c.npz"), specs, batch_size=4)
@@ -140,26 +139,17 @@ def _write(tmp_path, kind: str) -> str:
     return str(tmp_path / "c.npz")
 
 
-@pytest.mark.parametrize(
-    ("kind", "message"),
-    [
-        (
-            "missing",
-            "calibration data '.*nope.npz' not found: "
-            + re.escape("pass --calib data.npz|dir|random"),
-        ),
-        ("names", r"has arrays \[input\] but the model inputs are \[x\]: missing x"),
-        (
-            "shape",
-            r"has shape \(4, 3, 5, 5\); model input x:\?x3x4x4:float32 "
-            r"needs \(samples, 3, 4, 4\)",
-        ),
-        ("dtype", "is complex64; model input .* cannot take it"),
-        ("corrupt", "cannot read calibration data"),
-        ("suffix", "expected a .npz file, a folder of .npy files or 'random'"),
-        ("empty-dir", "has no .npy files"),
-    ],
-)
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "calibration data '.*nope.npz' not found: "
+                + re.escape("pass --calib data.npz|dir|random")),
+    ("names", r"has arrays \[input\] but the model inputs are \[x\]: missing x"),
+    ("shape", r"has shape \(4, 3, 5, 5\); model input x:\?x3x4x4:float32 "
+              r"needs \(samples, 3, 4, 4\)"),
+    ("dtype", "is complex64; model input .* cannot take it"),
+    ("corrupt", "cannot read calibration data"),
+    ("suffix", "expected a .npz file, a folder of .npy files or 'random'"),
+    ("empty-dir", "has no .npy files"),
+])
 def test_bad_calibration_data_is_a_user_error(tmp_path, kind, message):
     with pytest.raises(UserInputError, match=message):
         load_calibration(_write(tmp_path, kind), SPECS)
@@ -251,15 +241,10 @@ def test_ranges_of_a_post_relu_tensor_start_at_zero():
 def _linear_model() -> onnx.ModelProto:
     w = numpy_helper.from_array(_rng(5).normal(size=(6, 4)).astype(np.float32), "w")
     g = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-            helper.make_node("Relu", ["h"], ["y"], name="relu"),
-        ],
-        "g",
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Relu", ["h"], ["y"], name="relu")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-        [w],
-    )
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 

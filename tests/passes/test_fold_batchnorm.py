@@ -23,37 +23,25 @@ def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, np.float32), name)
 
 
-def _bn(
-    x: str, y: str, channels: int, rng: np.random.Generator, name: str = "bn", **attrs: object
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+def _bn(x: str, y: str, channels: int, rng: np.random.Generator, name: str = "bn",
+        **attrs: object) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A BatchNormalization with random (far from identity) statistics."""
-    params = [
-        _init(f"{name}.gamma", rng.uniform(0.5, 1.5, channels)),
-        _init(f"{name}.beta", rng.uniform(-0.5, 0.5, channels)),
-        _init(f"{name}.mean", rng.uniform(-1, 1, channels)),
-        _init(f"{name}.var", rng.uniform(0.5, 2.0, channels)),
-    ]
-    node = helper.make_node(
-        "BatchNormalization", [x] + [p.name for p in params], [y], name=name, epsilon=1e-3, **attrs
-    )
+    params = [_init(f"{name}.gamma", rng.uniform(0.5, 1.5, channels)),
+              _init(f"{name}.beta", rng.uniform(-0.5, 0.5, channels)),
+              _init(f"{name}.mean", rng.uniform(-1, 1, channels)),
+              _init(f"{name}.var", rng.uniform(0.5, 2.0, channels))]
+    node = helper.make_node("BatchNormalization", [x] + [p.name for p in params], [y],
+                            name=name, epsilon=1e-3, **attrs)
     return node, params
 
 
-def _model(
-    nodes: list[onnx.NodeProto],
-    inits: list[onnx.TensorProto],
-    x_shape: list[int],
-    outputs: tuple[str, ...] = ("y",),
-    inputs: tuple[str, ...] = (),
-) -> onnx.ModelProto:
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x_shape: list[int],
+           outputs: tuple[str, ...] = ("y",), inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes,
-        "g",
+        nodes, "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
         + [helper.make_tensor_value_info(i, TensorProto.FLOAT, [4, 3, 1, 1]) for i in inputs],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-        inits,
-    )
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model = onnx.shape_inference.infer_shapes(model)  # fills the outputs' shapes
     del model.graph.value_info[:]
@@ -67,9 +55,8 @@ def _fold(model: onnx.ModelProto, **options: object):
     return FoldBatchNorm(**options)(copy, PassContext())
 
 
-def _assert_exact(
-    model: onnx.ModelProto, folded: onnx.ModelProto, feeds: dict[str, np.ndarray]
-) -> float:
+def _assert_exact(model: onnx.ModelProto, folded: onnx.ModelProto,
+                  feeds: dict[str, np.ndarray]) -> float:
     onnx.checker.check_model(folded, full_check=True)
     assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
     diff = compare_outputs(run_onnx(folded, feeds), run_onnx(model, feeds))
@@ -82,24 +69,15 @@ def _x(shape: list[int], seed: int = 1) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(
-    ("c_out", "groups"),
-    [(8, 1), (8, 2), (8, 4), (4, 4)],
-    ids=["dense", "groups2", "depthwise-x2", "depthwise"],
-)
+@pytest.mark.parametrize(("c_out", "groups"), [(8, 1), (8, 2), (8, 4), (4, 4)],
+                         ids=["dense", "groups2", "depthwise-x2", "depthwise"])
 def test_conv(bias: bool, c_out: int, groups: int) -> None:
     rng = np.random.default_rng(0)
     inits = [_init("w", rng.standard_normal((c_out, 4 // groups, 3, 3)))]
     if bias:
         inits.append(_init("b", rng.standard_normal(c_out)))
-    conv = helper.make_node(
-        "Conv",
-        ["x", "w"] + (["b"] if bias else []),
-        ["c"],
-        name="conv",
-        group=groups,
-        pads=[1, 1, 1, 1],
-    )
+    conv = helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["c"], name="conv",
+                            group=groups, pads=[1, 1, 1, 1])
     bn, params = _bn("c", "y", c_out, rng)
     model = _model([conv, bn], inits + params, [2, 4, 5, 5])
     result = _fold(model)
@@ -119,14 +97,8 @@ def test_conv_transpose(bias: bool, groups: int) -> None:
     inits = [_init("w", rng.standard_normal((c_in, c_out // groups, 3, 3)))]
     if bias:
         inits.append(_init("b", rng.standard_normal(c_out)))
-    conv = helper.make_node(
-        "ConvTranspose",
-        ["x", "w"] + (["b"] if bias else []),
-        ["c"],
-        name="deconv",
-        group=groups,
-        strides=[2, 2],
-    )
+    conv = helper.make_node("ConvTranspose", ["x", "w"] + (["b"] if bias else []), ["c"],
+                            name="deconv", group=groups, strides=[2, 2])
     bn, params = _bn("c", "y", c_out, rng)
     model = _model([conv, bn], inits + params, [1, c_in, 4, 4])
     result = _fold(model)
@@ -143,15 +115,8 @@ def test_gemm(trans_b: int, bias: str | None) -> None:
     inits = [_init("w", w)]
     if bias:
         inits.append(_init("b", rng.standard_normal(n if bias == "vector" else (4, n))))
-    gemm = helper.make_node(
-        "Gemm",
-        ["x", "w"] + (["b"] if bias else []),
-        ["g"],
-        name="fc",
-        transB=trans_b,
-        alpha=0.7,
-        beta=1.3,
-    )
+    gemm = helper.make_node("Gemm", ["x", "w"] + (["b"] if bias else []), ["g"], name="fc",
+                            transB=trans_b, alpha=0.7, beta=1.3)
     bn, params = _bn("g", "y", n, rng)
     model = _model([gemm, bn], inits + params, [4, k])
     result = _fold(model)
@@ -166,11 +131,8 @@ def test_matmul(add: str | None) -> None:
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm")]
     if add:
         inits.append(_init("b", rng.standard_normal(3)))
-        nodes.append(
-            helper.make_node(
-                "Add", ["m", "b"] if add == "mm+bias" else ["b", "m"], ["a"], name="add"
-            )
-        )
+        nodes.append(helper.make_node("Add", ["m", "b"] if add == "mm+bias" else ["b", "m"],
+                                      ["a"], name="add"))
     bn, params = _bn("a" if add else "m", "y", 3, rng)
     model = _model(nodes + [bn], inits + params, [4, 5])
     result = _fold(model)
@@ -213,46 +175,32 @@ def test_standalone_disabled_leaves_graph() -> None:
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
-def _conv_bn(
-    rng: np.random.Generator,
-    extra: list[onnx.NodeProto] = (),
-    outputs: tuple[str, ...] = ("y",),
-    weight_input: bool = False,
-) -> onnx.ModelProto:
+def _conv_bn(rng: np.random.Generator, extra: list[onnx.NodeProto] = (),
+             outputs: tuple[str, ...] = ("y",), weight_input: bool = False) -> onnx.ModelProto:
     conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
     bn, params = _bn("c", "y", 4, rng)
     inits = [] if weight_input else [_init("w", rng.standard_normal((4, 3, 1, 1)))]
-    return _model(
-        [conv, bn, *extra],
-        inits + params,
-        [1, 3, 2, 2],
-        outputs,
-        inputs=("w",) if weight_input else (),
-    )
+    return _model([conv, bn, *extra], inits + params, [1, 3, 2, 2], outputs,
+                  inputs=("w",) if weight_input else ())
 
 
-@pytest.mark.parametrize(
-    ("case", "reason"),
-    [
-        ("shared-weight", "shared with conv2"),
-        ("graph-output", "is a graph output"),
-        ("other-reader", "also read by relu"),
-        ("weight-not-constant", "not constant"),
-        ("training-mode", "training-mode"),
-    ],
-)
+@pytest.mark.parametrize(("case", "reason"), [
+    ("shared-weight", "shared with conv2"),
+    ("graph-output", "is a graph output"),
+    ("other-reader", "also read by relu"),
+    ("weight-not-constant", "not constant"),
+    ("training-mode", "training-mode"),
+])
 def test_declines(case: str, reason: str) -> None:
     rng = np.random.default_rng(7)
     if case == "shared-weight":
-        model = _conv_bn(
-            rng, [helper.make_node("Conv", ["x", "w"], ["z"], name="conv2")], outputs=("y", "z")
-        )
+        model = _conv_bn(rng, [helper.make_node("Conv", ["x", "w"], ["z"], name="conv2")],
+                         outputs=("y", "z"))
     elif case == "graph-output":
         model = _conv_bn(rng, outputs=("y", "c"))
     elif case == "other-reader":
-        model = _conv_bn(
-            rng, [helper.make_node("Relu", ["c"], ["z"], name="relu")], outputs=("y", "z")
-        )
+        model = _conv_bn(rng, [helper.make_node("Relu", ["c"], ["z"], name="relu")],
+                         outputs=("y", "z"))
     elif case == "weight-not-constant":
         model = _conv_bn(rng, weight_input=True)
     else:
@@ -280,15 +228,9 @@ class _TorchNet(torch.nn.Module):
         super().__init__()
         nn = torch.nn
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False),
-            nn.BatchNorm2d(8),
-            nn.ReLU6(),
-            nn.Conv2d(8, 8, 3, padding=1, groups=8),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.Conv2d(8, 12, 1, groups=2, bias=False),
-            nn.BatchNorm2d(12),
-        )
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 1, groups=2, bias=False), nn.BatchNorm2d(12))
         self.fc = nn.Linear(12 * 4 * 4, 5)
         self.bn = nn.BatchNorm1d(5)
 
@@ -306,9 +248,8 @@ def test_torch_export_folds_everything() -> None:
             m.running_var.uniform_(0.5, 2)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
-    model = torch.onnx.export(
-        net, (torch.randn(2, 3, 4, 4),), dynamo=True, optimize=False, verbose=False
-    ).model_proto
+    model = torch.onnx.export(net, (torch.randn(2, 3, 4, 4),), dynamo=True, optimize=False,
+                              verbose=False).model_proto
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 4
     result = _fold(model)
     assert result.modified and len(result.info["folded"]) == 4 and not result.info["declined"]

@@ -26,20 +26,17 @@ def _rng(seed: int = 0) -> np.random.Generator:
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
-    g = helper.make_graph(
-        nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    )
+    g = helper.make_graph(nodes, "g", inputs, outputs,
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
-def _ctx(
-    model: onnx.ModelProto, samples: int = 32, target: str | None = None, tmp_path=None
-) -> PassContext:
+def _ctx(model: onnx.ModelProto, samples: int = 32, target: str | None = None,
+         tmp_path=None) -> PassContext:
     """A context with seeded N(0, 1) calibration data for ``model``'s inputs."""
     data, desc = load_calibration("random", model, batch_size=8, limit=samples, seed=1)
-    return PassContext(
-        calibration=data, calibration_source=desc, target=get_target(target) if target else None
-    )
+    return PassContext(calibration=data, calibration_source=desc,
+                       target=get_target(target) if target else None)
 
 
 def _held_out(model: onnx.ModelProto, n: int = 16, seed: int = 7) -> dict[str, np.ndarray]:
@@ -65,7 +62,8 @@ def _ort_optimised(model: onnx.ModelProto, feeds, tmp_path) -> tuple[list[str], 
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "ort_optimised.onnx")
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
     return ops, outs
@@ -101,14 +99,8 @@ class SmallCNN(torch.nn.Module):
 def cnn() -> onnx.ModelProto:
     torch.manual_seed(0)
     batch = torch.export.Dim("batch")
-    program = torch.onnx.export(
-        SmallCNN().eval(),
-        (torch.randn(2, 3, 16, 16),),
-        dynamo=True,
-        optimize=False,
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
+    program = torch.onnx.export(SmallCNN().eval(), (torch.randn(2, 3, 16, 16),), dynamo=True,
+                                optimize=False, dynamic_shapes=({0: batch},), verbose=False)
     return program.model_proto
 
 
@@ -132,10 +124,8 @@ def test_small_cnn_keeps_cosine_099_on_held_out_inputs(cnn, method, activation, 
     assert info["calibration"]["samples"] == 32 and info["calibration"]["batches"] == 4
     assert info["method"] == method and info["activation"].startswith(activation)
     inits = _inits(result.model)
-    assert all(
-        inits[f"{t}_scale"].shape == inits[f"{t}_zero_point"].shape == ()
-        for t in info["activations"]
-    )  # per tensor: scalars, as QLinearAdd requires
+    assert all(inits[f"{t}_scale"].shape == inits[f"{t}_zero_point"].shape == ()
+               for t in info["activations"])  # per tensor: scalars, as QLinearAdd requires
     # every float weight went, the torch zero bias of the bias-free conv included
     floats = [k for k, v in inits.items() if v.dtype == np.float32 and v.ndim > 1]
     assert floats == [] and info["float_weights_kept"] == []
@@ -148,18 +138,13 @@ def test_weight_heavy_net_is_at_most_03x_the_bytes(tmp_path):
     for i, (k, n) in enumerate(zip(dims, dims[1:], strict=False)):
         inits[f"w{i}"] = (rng.normal(size=(n, k)) / np.sqrt(k)).astype(np.float32)
         inits[f"b{i}"] = rng.normal(size=n).astype(np.float32) * 0.1
-        nodes.append(
-            helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}", transB=1)
-        )
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}",
+                                      transB=1))
         if i < len(dims) - 2:
             nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
         x = f"r{i}"
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["n", 256])],
-        [helper.make_tensor_value_info("h2", F, ["n", 10])],
-        inits,
-    )
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["n", 256])],
+                   [helper.make_tensor_value_info("h2", F, ["n", 10])], inits)
     result = _run(model, _ctx(model), activation="uint8")
     ratio = result.model.ByteSize() / model.ByteSize()
     assert ratio <= 0.3, ratio
@@ -199,26 +184,14 @@ def _layer(kind: str, bias: bool) -> tuple[onnx.ModelProto, int, int]:
         xs, ys, axis = [2, 8, 6, 6], [2, 8, 6, 6], 0
     if bias:
         inits["b"] = rng.normal(size=8).astype(np.float32)
-    model = _model(
-        [node],
-        [helper.make_tensor_value_info("x", F, xs)],
-        [helper.make_tensor_value_info("y", F, ys)],
-        inits,
-    )
+    model = _model([node], [helper.make_tensor_value_info("x", F, xs)],
+                   [helper.make_tensor_value_info("y", F, ys)], inits)
     return model, axis, 8
 
 
-LAYERS = [
-    ("gemm", True),
-    ("gemm", False),
-    ("gemm-t", True),
-    ("gemm-t", False),
-    ("matmul-3d", False),
-    ("conv", True),
-    ("conv", False),
-    ("conv-g2", True),
-    ("conv-dw", False),
-]
+LAYERS = [("gemm", True), ("gemm", False), ("gemm-t", True), ("gemm-t", False),
+          ("matmul-3d", False), ("conv", True), ("conv", False), ("conv-g2", True),
+          ("conv-dw", False)]
 
 
 @pytest.mark.parametrize(("kind", "bias"), LAYERS)
@@ -241,12 +214,8 @@ def test_single_layers_per_channel_weights_and_int32_bias(kind, bias, tmp_path):
 def test_activations_on_both_inputs_of_a_matmul():
     a = helper.make_tensor_value_info("a", F, [2, 4, 6])
     b = helper.make_tensor_value_info("b", F, [2, 6, 3])
-    model = _model(
-        [helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")],
-        [a, b],
-        [helper.make_tensor_value_info("y", F, [2, 4, 3])],
-        {},
-    )
+    model = _model([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")], [a, b],
+                   [helper.make_tensor_value_info("y", F, [2, 4, 3])], {})
     result = _run(model)
     qs = [n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"]
     assert sorted(qs) == ["a", "b"]
@@ -272,15 +241,10 @@ def test_old_opset_is_a_user_error():
 
 
 def test_nothing_to_quantize_leaves_the_model_alone():
-    model = _model(
-        [
-            helper.make_node("Relu", ["x"], ["r"], name="relu"),
-            helper.make_node("Add", ["r", "x"], ["y"], name="add"),
-        ],
-        [helper.make_tensor_value_info("x", F, [2, 3])],
-        [helper.make_tensor_value_info("y", F, [2, 3])],
-        {},
-    )
+    model = _model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                    helper.make_node("Add", ["r", "x"], ["y"], name="add")],
+                   [helper.make_tensor_value_info("x", F, [2, 3])],
+                   [helper.make_tensor_value_info("y", F, [2, 3])], {})
     before = model.SerializeToString()
     result = _run(model)
     assert not result.modified and result.model.SerializeToString() == before
@@ -288,21 +252,13 @@ def test_nothing_to_quantize_leaves_the_model_alone():
 
 def _two_layer_mlp() -> onnx.ModelProto:
     rng = _rng(4)
-    inits = {
-        "w1": rng.normal(size=(6, 8)).astype(np.float32),
-        "w2": rng.normal(size=(8, 4)).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
-    ]
-    return _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["n", 6])],
-        [helper.make_tensor_value_info("y", F, ["n", 4])],
-        inits,
-    )
+    inits = {"w1": rng.normal(size=(6, 8)).astype(np.float32),
+             "w2": rng.normal(size=(8, 4)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, ["n", 6])],
+                  [helper.make_tensor_value_info("y", F, ["n", 4])], inits)
 
 
 @pytest.mark.parametrize("keep", [["fc2"], ["MatMul"], "fc2"])
@@ -319,16 +275,9 @@ def test_keep_float_by_name_or_op_type(keep):
         assert "r_dequantized" in {o for n in result.model.graph.node for o in n.output}
 
 
-@pytest.mark.parametrize(
-    ("outputs", "quantized"),
-    [
-        (("Conv",), {"x", "r"}),
-        (True, {"x", "r", "h2"}),
-        (False, {"x", "r"}),
-        (["MatMul"], {"x", "r", "h2"}),
-        ("Gemm", {"x", "r"}),
-    ],
-)
+@pytest.mark.parametrize(("outputs", "quantized"), [
+    (("Conv",), {"x", "r"}), (True, {"x", "r", "h2"}), (False, {"x", "r"}),
+    (["MatMul"], {"x", "r", "h2"}), ("Gemm", {"x", "r"})])
 def test_outputs_option_picks_whose_outputs_are_quantized(outputs, quantized):
     """By default only Conv outputs get a Q/DQ (MatMul/Gemm outputs stay float)."""
     model = _two_layer_mlp()  # x -> fc1 -> h -> relu -> r -> fc2 -> y; then y -> Neg
@@ -338,28 +287,20 @@ def test_outputs_option_picks_whose_outputs_are_quantized(outputs, quantized):
     assert set(result.info["activations"]) == quantized
 
 
-@pytest.mark.parametrize(
-    ("activation", "conv_output", "relu_output"), [("uint8", None, "r"), ("int8", "c", "r")]
-)
+@pytest.mark.parametrize(("activation", "conv_output", "relu_output"), [
+    ("uint8", None, "r"), ("int8", "c", "r")])
 def test_conv_output_point_relative_to_its_relu(activation, conv_output, relu_output, tmp_path):
     """uint8: the Q goes after the ReLU (zp = 0 lets ORT drop it); int8: before it, and the
     ReLU output, read by the next conv, gets its own Q. ORT fuses conv1 either way (conv2 writes
     the graph output, which stays float, so it runs as DQ + float conv)."""
     rng = _rng(8)
-    nodes = [
-        helper.make_node("Conv", ["x", "k1"], ["c"], name="conv1", pads=[1] * 4),
-        helper.make_node("Relu", ["c"], ["r"], name="relu"),
-        helper.make_node("Conv", ["r", "k2"], ["y"], name="conv2", pads=[1] * 4),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
-        [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])],
-        {
-            "k1": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
-            "k2": rng.normal(size=(4, 4, 3, 3)).astype(np.float32),
-        },
-    )
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["c"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "k2"], ["y"], name="conv2", pads=[1] * 4)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
+                   [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])],
+                   {"k1": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+                    "k2": rng.normal(size=(4, 4, 3, 3)).astype(np.float32)})
     result = _run(model, activation=activation)
     expected = {"x", relu_output} | ({conv_output} if conv_output else set())
     assert set(result.info["activations"]) == expected
@@ -385,28 +326,20 @@ def test_graph_outputs_stay_float():
 def test_shared_weight_is_quantized_once_and_kept_float_for_other_readers():
     rng = _rng(5)
     w = rng.normal(size=(6, 6)).astype(np.float32)
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
-        helper.make_node("MatMul", ["h", "w"], ["y"], name="mm2"),
-    ]
-    io = (
-        [helper.make_tensor_value_info("x", F, [3, 6])],
-        [helper.make_tensor_value_info("y", F, [3, 6])],
-    )
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm2")]
+    io = ([helper.make_tensor_value_info("x", F, [3, 6])],
+          [helper.make_tensor_value_info("y", F, [3, 6])])
     model = _model(nodes, *io, {"w": w})
     result = _run(model)
     inits = _inits(result.model)
     assert [k for k in inits if k.startswith("w")] == ["w_quantized", "w_scale", "w_zero_point"]
-    assert (
-        sum(
-            n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized"
-            for n in result.model.graph.node
-        )
-        == 1
-    )
+    assert sum(n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized"
+               for n in result.model.graph.node) == 1
     # a non-quantized reader (Mul) keeps the float weight
     nodes.append(helper.make_node("Mul", ["w", "w"], ["w2"], name="square"))
-    model = _model(nodes, io[0], io[1] + [helper.make_tensor_value_info("w2", F, [6, 6])], {"w": w})
+    model = _model(nodes, io[0], io[1] + [helper.make_tensor_value_info("w2", F, [6, 6])],
+                   {"w": w})
     result = _run(model)
     assert result.info["float_weights_kept"] == ["w"]
     np.testing.assert_array_equal(_inits(result.model)["w"], w)
@@ -414,44 +347,28 @@ def test_shared_weight_is_quantized_once_and_kept_float_for_other_readers():
 
 def test_declined_nodes_have_reasons():
     rng = _rng(6)
-    nodes = [
-        helper.make_node("MatMul", ["w", "x"], ["h"], name="w_at_x"),
-        helper.make_node("Conv", ["img", "k"], ["c"], name="dynamic_conv"),
-        helper.make_node("Transpose", ["w"], ["w_t"], name="transpose"),
-        helper.make_node("MatMul", ["h", "w_t"], ["v"], name="computed"),
-    ]
-    model = _model(
-        nodes,
-        [
-            helper.make_tensor_value_info("x", F, [4, 3]),
-            helper.make_tensor_value_info("img", F, [1, 2, 5, 5]),
-            helper.make_tensor_value_info("k", F, [2, 2, 3, 3]),
-        ],
-        [
-            helper.make_tensor_value_info("v", F, [3, 5]),
-            helper.make_tensor_value_info("c", F, [1, 2, 3, 3]),
-        ],
-        {"w": rng.normal(size=(5, 4)).astype(np.float32)},
-    )
+    nodes = [helper.make_node("MatMul", ["w", "x"], ["h"], name="w_at_x"),
+             helper.make_node("Conv", ["img", "k"], ["c"], name="dynamic_conv"),
+             helper.make_node("Transpose", ["w"], ["w_t"], name="transpose"),
+             helper.make_node("MatMul", ["h", "w_t"], ["v"], name="computed")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [4, 3]),
+                           helper.make_tensor_value_info("img", F, [1, 2, 5, 5]),
+                           helper.make_tensor_value_info("k", F, [2, 2, 3, 3])],
+                   [helper.make_tensor_value_info("v", F, [3, 5]),
+                    helper.make_tensor_value_info("c", F, [1, 2, 3, 3])],
+                   {"w": rng.normal(size=(5, 4)).astype(np.float32)})
     result = _run(model, PassContext(calibration=lambda: []))  # nothing left to calibrate
     assert not result.modified
     reasons = {d["node"]: d["reason"] for d in result.info["declined"]}
-    assert reasons == {
-        "w_at_x": "constant first operand (W @ x) is not handled",
-        "dynamic_conv": "weight 'k' is not constant",
-        "computed": "weight 'w_t' is computed from constants: run fold-constants first",
-    }
+    assert reasons == {"w_at_x": "constant first operand (W @ x) is not handled",
+                       "dynamic_conv": "weight 'k' is not constant",
+                       "computed": "weight 'w_t' is computed from constants: run "
+                                   "fold-constants first"}
 
 
-@pytest.mark.parametrize(
-    ("target", "activation", "zp_type"),
-    [
-        (None, "int8", np.int8),
-        ("x86", "uint8", np.uint8),
-        ("rpi4", "int8", np.int8),
-        ("jetson-orin", "int8", np.int8),
-    ],
-)
+@pytest.mark.parametrize(("target", "activation", "zp_type"), [
+    (None, "int8", np.int8), ("x86", "uint8", np.uint8), ("rpi4", "int8", np.int8),
+    ("jetson-orin", "int8", np.int8)])
 def test_activation_type_follows_the_target(target, activation, zp_type):
     model = _two_layer_mlp()
     ctx = _ctx(model, samples=20, target=target)
@@ -461,7 +378,8 @@ def test_activation_type_follows_the_target(target, activation, zp_type):
     assert _inits(result.model)["x_zero_point"].dtype == zp_type
     expected = get_target(target).int8_execution if target else ORT_NOTE
     assert info["int8_execution"] == expected
-    assert info["calibration"] == {"source": ctx.calibration_source, "samples": 20, "batches": 3}
+    assert info["calibration"] == {"source": ctx.calibration_source, "samples": 20,
+                                   "batches": 3}
     assert set(info["activations"]) == {"x", "r"}
     scales = [p["scale"] for p in info["activations"].values()]
     assert info["activation_scales"]["min"] == min(scales) > 0
@@ -477,15 +395,9 @@ def test_through_the_pipeline_text():
     assert _cos(out, model, _held_out(model)) >= 0.999
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"method": "kl"}, "unknown method 'kl'"),
-        ({"percentile": 0}, "percentile must be in"),
-        ({"activation": "int4"}, "activation must be uint8 or int8"),
-        ({"bins": 1000}, "bins"),
-    ],
-)
+@pytest.mark.parametrize(("options", "message"), [
+    ({"method": "kl"}, "unknown method 'kl'"), ({"percentile": 0}, "percentile must be in"),
+    ({"activation": "int4"}, "activation must be uint8 or int8"), ({"bins": 1000}, "bins")])
 def test_bad_options(options, message):
     with pytest.raises(UserInputError, match=message):
         InsertQDQ(**options)

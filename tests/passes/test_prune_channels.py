@@ -70,9 +70,8 @@ class UNetish(nn.Module):
 
 
 def _export(net: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
-    return torch.onnx.export(
-        net.eval(), (x,), dynamo=True, optimize=False, verbose=False
-    ).model_proto
+    return torch.onnx.export(net.eval(), (x,), dynamo=True, optimize=False,
+                             verbose=False).model_proto
 
 
 @functools.cache
@@ -103,9 +102,8 @@ def _conv_names(model: onnx.ModelProto) -> dict[str, str]:
     return {n.input[1]: n.name for n in model.graph.node if len(n.input) > 1}
 
 
-def _check_valid(
-    model: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray]
-) -> dict[str, float]:
+def _check_valid(model: onnx.ModelProto, pruned: onnx.ModelProto,
+                 feeds: dict[str, np.ndarray]) -> dict[str, float]:
     onnx.checker.check_model(pruned, full_check=True)
     assert _io(pruned) == _io(model)
     out, ref = run_onnx(pruned, feeds), run_onnx(model, feeds)
@@ -145,14 +143,8 @@ def test_ratio_0_changes_nothing(name: str) -> None:
 def test_pruning_zero_channels_is_exact() -> None:
     """Zero some channels' weights and bias before ReLUs, prune exactly those: same output."""
     net = ZeroNet()
-    zero = {
-        "stem": [1, 5],
-        "project": [1, 5],
-        "expand": [0, 3, 7],
-        "dw": [0, 3, 7],
-        "branch": [2],
-        "head": [4],
-    }
+    zero = {"stem": [1, 5], "project": [1, 5], "expand": [0, 3, 7], "dw": [0, 3, 7],
+            "branch": [2], "head": [4]}
     with torch.no_grad():
         for layer, channels in zero.items():
             getattr(net, layer).weight[channels] = 0
@@ -161,20 +153,14 @@ def test_pruning_zero_channels_is_exact() -> None:
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
     names = _conv_names(model)
     # residual+concat group: 12 channels, 3 zero; hidden: 16, 3 zero; head: 6, 1 zero
-    overrides = {
-        names["stem.weight"]: 3 / 12,
-        names["expand.weight"]: 3 / 16,
-        names["head.weight"]: 1 / 6,
-    }
+    overrides = {names["stem.weight"]: 3 / 12, names["expand.weight"]: 3 / 16,
+                 names["head.weight"]: 1 / 6}
     result = _prune(model, ratio=0.0, overrides=overrides)
     assert result.modified
     diff = _check_valid(model, result.model, feeds)
     assert diff["max_rel_diff"] <= EXACT_RTOL, diff
     assert sorted((g["kept"], g["total"]) for g in result.info["groups"]) == [
-        (5, 6),
-        (9, 12),
-        (13, 16),
-    ]
+        (5, 6), (9, 12), (13, 16)]
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert shapes["stem.weight"] == [6, 3, 3, 3] and shapes["branch.weight"] == [3, 6, 3, 3]
     assert shapes["dw.weight"] == [13, 1, 3, 3] and shapes["head.weight"] == [5, 9, 1, 1]
@@ -194,10 +180,8 @@ def test_unet_concat_convtranspose_resize() -> None:
     assert result.info["mac_reduction"] > 0.25
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"criterion": "l2"}, {"use_bn": False}, {"criterion": "l2", "use_bn": False, "ratio": 0.5}],
-)
+@pytest.mark.parametrize("options", [{"criterion": "l2"}, {"use_bn": False},
+                                     {"criterion": "l2", "use_bn": False, "ratio": 0.5}])
 def test_criteria(options: dict[str, object]) -> None:
     model, feeds = _cnn("resnetish", False)
     result = _prune(model, **options)
@@ -226,19 +210,13 @@ def test_skip_and_overrides() -> None:
     _check_valid(model, result.model, feeds)
     half = _prune(model, ratio=0.3, overrides={stem: 0.5})
     assert {tuple(g["sources"]): g["kept"] for g in half.info["groups"]}[
-        tuple(stem_group["sources"])
-    ] == 8
+        tuple(stem_group["sources"])] == 8
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"ratio": 1.0}, "must be in"),
-        ({"criterion": "l3"}, "criterion"),
-        ({"round_to": 0}, "round_to"),
-        ({"overrides": {"x": -0.1}}, "must be in"),
-    ],
-)
+@pytest.mark.parametrize(("options", "message"), [
+    ({"ratio": 1.0}, "must be in"), ({"criterion": "l3"}, "criterion"),
+    ({"round_to": 0}, "round_to"), ({"overrides": {"x": -0.1}}, "must be in"),
+])
 def test_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(UserInputError, match=message):
         PruneChannels(**options)
@@ -250,40 +228,25 @@ def test_unknown_node_name() -> None:
         _prune(model, skip=["nope"])
 
 
-def _graph(
-    nodes: list[onnx.NodeProto], x: list[int], y: list[int], inits: dict[str, np.ndarray]
-) -> onnx.ModelProto:
+def _graph(nodes: list[onnx.NodeProto], x: list[int], y: list[int],
+           inits: dict[str, np.ndarray]) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def test_gemm_mlp() -> None:
     rng = np.random.default_rng(1)
-    inits = {
-        "w1": rng.standard_normal((32, 16)),
-        "b1": rng.standard_normal(32),
-        "w2": rng.standard_normal((32, 8)),
-        "b2": rng.standard_normal(8),
-        "w3": rng.standard_normal((8, 4)),
-    }
-    model = _graph(
-        [
-            helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),
-            helper.make_node("Relu", ["h1"], ["r1"]),
-            helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"]),
-            helper.make_node("Relu", ["h2"], ["r2"]),
-            helper.make_node("MatMul", ["r2", "w3"], ["y"]),
-        ],
-        [2, 16],
-        [2, 4],
-        inits,
-    )
+    inits = {"w1": rng.standard_normal((32, 16)), "b1": rng.standard_normal(32),
+             "w2": rng.standard_normal((32, 8)), "b2": rng.standard_normal(8),
+             "w3": rng.standard_normal((8, 4))}
+    model = _graph([helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),
+                    helper.make_node("Relu", ["h1"], ["r1"]),
+                    helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"]),
+                    helper.make_node("Relu", ["h2"], ["r2"]),
+                    helper.make_node("MatMul", ["r2", "w3"], ["y"])], [2, 16], [2, 4], inits)
     result = _prune(model, ratio=0.5)
     assert [(g["kept"], g["total"]) for g in result.info["groups"]] == [(16, 32), (4, 8)]
     _check_valid(model, result.model, {"x": rng.standard_normal((2, 16)).astype(np.float32)})
@@ -293,32 +256,20 @@ def test_gemm_mlp() -> None:
 
 def test_grouped_conv_loses_whole_groups() -> None:
     rng = np.random.default_rng(2)
-    inits = {
-        "w1": rng.standard_normal((8, 4, 1, 1)),
-        "w2": rng.standard_normal((8, 4, 3, 3)),
-        "w3": rng.standard_normal((4, 8, 1, 1)),
-    }
-    model = _graph(
-        [
-            helper.make_node("Conv", ["x", "w1"], ["a"]),
-            helper.make_node("Relu", ["a"], ["r"]),
-            helper.make_node("Conv", ["r", "w2"], ["g"], group=2, pads=[1] * 4),
-            helper.make_node("Conv", ["g", "w3"], ["y"]),
-        ],
-        [1, 4, 5, 5],
-        [1, 4, 5, 5],
-        inits,
-    )
+    inits = {"w1": rng.standard_normal((8, 4, 1, 1)), "w2": rng.standard_normal((8, 4, 3, 3)),
+             "w3": rng.standard_normal((4, 8, 1, 1))}
+    model = _graph([helper.make_node("Conv", ["x", "w1"], ["a"]),
+                    helper.make_node("Relu", ["a"], ["r"]),
+                    helper.make_node("Conv", ["r", "w2"], ["g"], group=2, pads=[1] * 4),
+                    helper.make_node("Conv", ["g", "w3"], ["y"])], [1, 4, 5, 5], [1, 4, 5, 5],
+                   inits)
     result = _prune(model, ratio=0.5)
     assert [(g["kept"], g["total"]) for g in result.info["groups"]] == [(1, 2)]
     _check_valid(model, result.model, {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)})
     grouped = result.model.graph.node[2]
     assert helper.get_attribute_value(grouped.attribute[0]) == 1
     assert [list(t.dims) for t in result.model.graph.initializer] == [
-        [4, 4, 1, 1],
-        [4, 4, 3, 3],
-        [4, 4, 1, 1],
-    ]
+        [4, 4, 1, 1], [4, 4, 3, 3], [4, 4, 1, 1]]
 
 
 def test_pipeline_text() -> None:
@@ -340,54 +291,36 @@ def test_zero_channels_through_many_ops_is_exact() -> None:
     for w, b, zero in ((w1, b1, [0, 2, 5]), (w2, b2, [1, 4])):
         w[zero], b[zero] = 0, 0
     in_bias[[0, 2, 5]] = 0  # InstanceNorm maps a zero channel to its bias
-    inits = {
-        "w1": w1,
-        "b1": b1,
-        "slope": rng.uniform(0.1, 0.3, (8, 1, 1)),
-        "in_s": rng.uniform(0.5, 1.5, 8),
-        "in_b": in_bias,
-        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1]),
-        "sizes": np.array([1, 8, 8, 8]),
-        "k": rng.standard_normal((1, 8, 1, 1)),
-        "extra": rng.standard_normal((1, 2, 8, 8)),
-        "w2": w2,
-        "b2": b2,
-        "wm": rng.standard_normal((6, 5)),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
-        helper.make_node("PRelu", ["c1", "slope"], ["p"]),
-        helper.make_node("InstanceNormalization", ["p", "in_s", "in_b"], ["n"]),
-        helper.make_node("Pad", ["n", "pads"], ["pd"]),
-        helper.make_node("Resize", ["pd", "", "", "sizes"], ["rs"], mode="nearest"),
-        helper.make_node("Mul", ["rs", "k"], ["m"]),
-        helper.make_node("Concat", ["m", "extra"], ["cat"], axis=1),
-        helper.make_node("Conv", ["cat", "w2", "b2"], ["c2"], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("Transpose", ["r2"], ["t"], perm=[0, 2, 3, 1]),
-        helper.make_node("MatMul", ["t", "wm"], ["y"]),
-    ]
+    inits = {"w1": w1, "b1": b1, "slope": rng.uniform(0.1, 0.3, (8, 1, 1)),
+             "in_s": rng.uniform(0.5, 1.5, 8), "in_b": in_bias,
+             "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1]), "sizes": np.array([1, 8, 8, 8]),
+             "k": rng.standard_normal((1, 8, 1, 1)), "extra": rng.standard_normal((1, 2, 8, 8)),
+             "w2": w2, "b2": b2, "wm": rng.standard_normal((6, 5))}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("PRelu", ["c1", "slope"], ["p"]),
+             helper.make_node("InstanceNormalization", ["p", "in_s", "in_b"], ["n"]),
+             helper.make_node("Pad", ["n", "pads"], ["pd"]),
+             helper.make_node("Resize", ["pd", "", "", "sizes"], ["rs"], mode="nearest"),
+             helper.make_node("Mul", ["rs", "k"], ["m"]),
+             helper.make_node("Concat", ["m", "extra"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t", "wm"], ["y"])]
     graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 5])],
-        [
-            numpy_helper.from_array(v.astype(np.int64 if k in ("pads", "sizes") else np.float32), k)
-            for k, v in inits.items()
-        ],
-    )
+        [numpy_helper.from_array(v.astype(np.int64 if k in ("pads", "sizes") else np.float32), k)
+         for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     result = _prune(model, ratio=0.0, overrides={"conv1": 0.3, "conv2": 2 / 6})
-    diff = _check_valid(
-        model, result.model, {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}
-    )
+    diff = _check_valid(model, result.model, {"x": rng.standard_normal((1, 3, 4, 4))
+                                              .astype(np.float32)})
     assert diff["max_rel_diff"] <= EXACT_RTOL, diff
     assert [(g["kept"], g["total"]) for g in result.info["groups"]] == [(7, 10), (4, 6)]
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert shapes["w1"] == [5, 3, 3, 3] and shapes["slope"] == [5, 1, 1]
     assert shapes["k"] == [1, 5, 1, 1] and shapes["w2"] == [4, 7, 1, 1] and shapes["wm"] == [4, 5]
-    sizes = next(
-        t for t in result.model.graph.initializer if t.name == result.model.graph.node[4].input[3]
-    )
+    sizes = next(t for t in result.model.graph.initializer
+                 if t.name == result.model.graph.node[4].input[3])
     assert numpy_helper.to_array(sizes).tolist() == [1, 5, 8, 8]

@@ -19,46 +19,31 @@ from edgecc.report.compare import cosine, run_onnx
 RNG = np.random.default_rng(0)
 
 
-def _model(
-    nodes: list[onnx.NodeProto],
-    inits: dict[str, np.ndarray],
-    x_shape: list[int],
-    extra_inputs: tuple[str, ...] = (),
-) -> onnx.ModelProto:
+def _model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray],
+           x_shape: list[int], extra_inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, x_shape if n == "x" else [4, 4])
-            for n in ("x", *extra_inputs)
-        ],
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, x_shape if n == "x" else [4, 4])
+         for n in ("x", *extra_inputs)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return onnx.shape_inference.infer_shapes(model)  # fills the output's shape
 
 
 def _net(scale: float = 1.0) -> onnx.ModelProto:
     """Conv -> ConvTranspose -> Flatten -> Gemm -> MatMul, with the Gemm weight scaled."""
-    inits = {
-        "cw": RNG.standard_normal((4, 3, 3, 3)),
-        "cb": RNG.standard_normal(4),
-        "tw": RNG.standard_normal((4, 2, 2, 2)),
-        "gw": RNG.standard_normal((2 * 8 * 8, 10)) * scale,
-        "mw": RNG.standard_normal((10, 5)),
-    }
-    return _model(
-        [
-            helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv"),
-            helper.make_node("ConvTranspose", ["c", "tw"], ["t"], name="deconv", strides=[2, 2]),
-            helper.make_node("Flatten", ["t"], ["f"]),
-            helper.make_node("Gemm", ["f", "gw"], ["g"], name="fc"),
-            helper.make_node("MatMul", ["g", "mw"], ["y"], name="mm"),
-        ],
-        inits,
-        [1, 3, 6, 6],
-    )
+    inits = {"cw": RNG.standard_normal((4, 3, 3, 3)), "cb": RNG.standard_normal(4),
+             "tw": RNG.standard_normal((4, 2, 2, 2)),
+             "gw": RNG.standard_normal((2 * 8 * 8, 10)) * scale,
+             "mw": RNG.standard_normal((10, 5))}
+    return _model([helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv"),
+                   helper.make_node("ConvTranspose", ["c", "tw"], ["t"], name="deconv",
+                                    strides=[2, 2]),
+                   helper.make_node("Flatten", ["t"], ["f"]),
+                   helper.make_node("Gemm", ["f", "gw"], ["g"], name="fc"),
+                   helper.make_node("MatMul", ["g", "mw"], ["y"], name="mm")],
+                  inits, [1, 3, 6, 6])
 
 
 def _run(model: onnx.ModelProto, **options: object):
@@ -78,9 +63,8 @@ def test_per_layer_zeroes_exactly_that_fraction(amount: float) -> None:
     weights = _weights(result.model)
     for name in ("cw", "tw", "gw", "mw"):
         assert (weights[name] == 0).sum() == int(amount * weights[name].size)
-        assert result.info["layers"][name] == pytest.approx(
-            int(amount * weights[name].size) / weights[name].size
-        )
+        assert result.info["layers"][name] == pytest.approx(int(amount * weights[name].size)
+                                                            / weights[name].size)
     np.testing.assert_array_equal(weights["cb"], _weights(model)["cb"])  # biases stay
     kept = weights["gw"] != 0  # the survivors are the largest magnitudes, unchanged
     original = _weights(model)["gw"]
@@ -103,11 +87,8 @@ def test_global_scope_takes_more_from_small_layers() -> None:
 
 
 def test_cosine_bound() -> None:
-    model = _model(
-        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")],
-        {"w": RNG.standard_normal((64, 32))},
-        [16, 64],
-    )
+    model = _model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")],
+                   {"w": RNG.standard_normal((64, 32))}, [16, 64])
     feeds = {"x": RNG.standard_normal((16, 64)).astype(np.float32)}
     result = _run(model, amount=0.2)
     (out,), (ref,) = run_onnx(result.model, feeds).values(), run_onnx(model, feeds).values()
@@ -129,68 +110,40 @@ def test_already_sparse_is_not_modified() -> None:
 
 
 def test_shared_weight_sparsified_once_for_all_readers() -> None:
-    model = _model(
-        [
-            helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
-            helper.make_node("MatMul", ["a", "w"], ["y"], name="mm2"),
-        ],
-        {"w": RNG.standard_normal((4, 4))},
-        [2, 4],
-    )
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+                    helper.make_node("MatMul", ["a", "w"], ["y"], name="mm2")],
+                   {"w": RNG.standard_normal((4, 4))}, [2, 4])
     result = _run(model, amount=0.5)
     assert result.modified and list(result.info["layers"]) == ["w"]
     assert (_weights(result.model)["w"] == 0).sum() == 8
 
 
-@pytest.mark.parametrize(
-    ("case", "reason"),
-    [
-        ("also-read-by-add", "also read by add"),
-        ("not-constant", "not constant"),
-        ("reader-skipped", "also read by mm2"),
-    ],
-)
+@pytest.mark.parametrize(("case", "reason"), [
+    ("also-read-by-add", "also read by add"),
+    ("not-constant", "not constant"),
+    ("reader-skipped", "also read by mm2"),
+])
 def test_declines(case: str, reason: str) -> None:
     w = RNG.standard_normal((4, 4))
     if case == "also-read-by-add":
-        model = _model(
-            [
-                helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
-                helper.make_node("Add", ["a", "w"], ["y"], name="add"),
-            ],
-            {"w": w},
-            [4, 4],
-        )
+        model = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+                        helper.make_node("Add", ["a", "w"], ["y"], name="add")], {"w": w}, [4, 4])
     elif case == "not-constant":
-        model = _model(
-            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-            {},
-            [4, 4],
-            extra_inputs=("w",),
-        )
+        model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {}, [4, 4],
+                       extra_inputs=("w",))
     else:
-        model = _model(
-            [
-                helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
-                helper.make_node("MatMul", ["a", "w"], ["y"], name="mm2"),
-            ],
-            {"w": w},
-            [4, 4],
-        )
+        model = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+                        helper.make_node("MatMul", ["a", "w"], ["y"], name="mm2")],
+                       {"w": w}, [4, 4])
     result = _run(model, amount=0.5, skip=["mm2"] if case == "reader-skipped" else ())
     assert not result.modified
     assert reason in result.info["declined"][0]["reason"]
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"amount": 1.5}, "amount"),
-        ({"amount": -0.1}, "amount"),
-        ({"scope": "net"}, "scope"),
-    ],
-)
+@pytest.mark.parametrize(("options", "message"), [
+    ({"amount": 1.5}, "amount"), ({"amount": -0.1}, "amount"), ({"scope": "net"}, "scope"),
+])
 def test_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(UserInputError, match=message):
         Sparsify(**options)
