@@ -162,7 +162,7 @@ def resolve_probe(
             raise UserInputError(
                 f"probe array {spec.name!r} has dtype {arr.dtype}, the input is {spec.dtype}"
             )
-        out[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype))
+        out[spec.name] = arr.astype(spec.dtype, order="C")  # ascontiguousarray makes 0-d 1-d
     return out
 
 
