@@ -41,7 +41,7 @@ import onnx
 from edgecc.errors import UnsupportedOperatorError, UserInputError
 from edgecc.frontend import detect
 from edgecc.frontend import trust as trust_mod
-from edgecc.frontend.onnx_io import MIN_OPSET, finalize, first_line, read_onnx
+from edgecc.frontend.onnx_io import MIN_OPSET, finalize, first_line, log_fixed_dims, read_onnx
 from edgecc.frontend.probe import check_probe_size, index_bounds, placeholder_inputs, resolve_probe
 from edgecc.frontend.specs import InputSpec, canonical_dtype
 from edgecc.report.compare import compare_outputs, run_onnx
@@ -253,6 +253,7 @@ class _TorchPlan:
     examples: dict[str, Any] | None
     hint: str = ""
     constants: dict[str, Any] = field(default_factory=dict)
+    dynamic_dims: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def _from_torch_object(
@@ -323,6 +324,14 @@ def _export_and_reference(
         f"exported by edgecc from {plan.fmt} ({plan.describe}) with torch {torch.__version__}"
     )
     model, inputs, fixed = finalize(model, plan.specs, opset, origin)
+    if plan.dynamic_dims:  # exported static (see _exported_plan): name the dims fixed here
+        shapes = {s.name: s.shape for s in inputs}
+        fixed = [
+            {"input": name, "axis": axis, "dim": symbol, "value": shapes[name][axis]}
+            for name, axis, symbol in plan.dynamic_dims
+            if name in shapes
+        ]
+        log_fixed_dims(origin, fixed)
     _stamp(model, plan.fmt, digest)
     output_names = [o.name for o in model.graph.output]
     if len(output_names) != len(names):
@@ -493,15 +502,37 @@ def _exported_plan(
         args, kwargs = _pytree.tree_unflatten([values[n] for n in names], in_spec)
         return tuple(args), dict(kwargs)
 
+    # A program with dynamic dims is re-exported from its module at the chosen static shapes:
+    # exported as is, its shape arithmetic hides static sizes from ONNX shape inference (the
+    # input graph's MatMuls had unknown shapes and counted 0 MACs).
+    dynamic = _dynamic_dims(program, names)
+    module = program.module()
+    source = module if dynamic else program
     return _TorchPlan(
         fmt="export",
         describe="torch.export ExportedProgram",
-        call=program.module(),
+        call=module,
         pack=pack,
-        export=lambda a, k, i, o: export_dynamo(program, a, k, i, o, opset),
+        export=lambda a, k, i, o: export_dynamo(source, a, k, i, o, opset),
         specs=specs,
         examples=examples,
+        dynamic_dims=dynamic,
     )
+
+
+def _dynamic_dims(program: Any, names: list[str]) -> list[tuple[str, int, str]]:
+    """(input, axis, symbol) of every symbolic dimension of the program's user inputs."""
+    import torch
+
+    out = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        value = node.meta.get("val")
+        for axis, dim in enumerate(getattr(value, "shape", ())):
+            if isinstance(dim, torch.SymInt):
+                out.append((node.name, axis, str(dim)))
+    return out
 
 
 def _named_specs(specs: list[InputSpec], names: list[str], what: str) -> dict[str, InputSpec]:

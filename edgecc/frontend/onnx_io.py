@@ -102,13 +102,7 @@ def finalize(
             ) from err
     _unknown_negative_dims(model)
     resolved, changed, fixed = _static_inputs(model, specs, origin)
-    if fixed:
-        logger.warning(
-            "%s: dynamic dims fixed: %s (the package takes only these sizes; set them with "
-            "--input-shape)",
-            origin,
-            ", ".join(f"{f['input']}[{f['axis']}] ({f['dim']}) = {f['value']}" for f in fixed),
-        )
+    log_fixed_dims(origin, fixed)
     if changed:
         # Symbolic shapes inferred earlier would contradict the new static ones.
         del model.graph.value_info[:]
@@ -128,6 +122,17 @@ def finalize(
             logger.debug("checking %s failed", origin, exc_info=True)
             raise UserInputError(f"{origin}: invalid ONNX model: {first_line(err)}") from err
     return model, resolved, fixed
+
+
+def log_fixed_dims(origin: str, fixed: Sequence[dict[str, Any]]) -> None:
+    """One WARNING line naming every dynamic dimension given a static size, and the size."""
+    if fixed:
+        logger.warning(
+            "%s: dynamic dims fixed: %s (the package takes only these sizes; set them with "
+            "--input-shape)",
+            origin,
+            ", ".join(f"{f['input']}[{f['axis']}] ({f['dim']}) = {f['value']}" for f in fixed),
+        )
 
 
 def _unknown_negative_dims(model: onnx.ModelProto) -> None:

@@ -229,3 +229,26 @@ def test_unknown_dtype_is_one_line() -> None:
 def test_input_graph_macs_are_counted() -> None:
     lm = load_model(Bad(), input_specs=_specs("x:3x8"))
     assert graph_stats(lm.model)["macs"] == 3 * 8 * 2
+
+
+def test_dynamic_pt2_input_graph_macs_are_counted(tmp_path: Path) -> None:
+    """Exported with its dynamic dims, the graph's shape arithmetic hid the MatMul shapes."""
+
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 8).unbind(2)
+            return torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+    seq = torch.export.Dim("seq", max=16)
+    program = torch.export.export(Attend(), (torch.randn(1, 6, 8),), dynamic_shapes=({1: seq},))
+    path = tmp_path / "attend.pt2"
+    torch.export.save(program, str(path))
+    lm = load_model(path, input_specs=_specs("x:1x6x8"))
+    stats = graph_stats(lm.model)
+    assert stats["macs_unknown"] == []
+    assert stats["macs"] == 6 * 8 * 24 + 6 * 6 * 8 * 2
+    assert lm.fixed_dims == [{"input": "x", "axis": 1, "dim": lm.fixed_dims[0]["dim"], "value": 6}]
