@@ -358,3 +358,51 @@ def test_cli_refuses_hostile_files(
     assert code == EXIT_USER and "torch.from_file" in line and "--trust-code" in line
     assert not marker.exists()
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+class ScaledSum(torch.nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: int) -> torch.Tensor:
+        return a * scale + b
+
+
+@pytest.mark.slow  # compiles through TVM (~45 s on the shared machine)
+def test_cli_binds_inputs_by_name_with_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--input-shape given b first: the package still takes a, b and computes a*scale+b."""
+    from edgecc.api import load
+
+    src = tmp_path / "sum.pt"
+    torch.jit.save(torch.jit.script(ScaledSum()), str(src))
+    out = tmp_path / "pkg"
+    code, err = _cli(
+        capsys, "-q", "compile", src, "--input-shape", "b:1x4", "--input-shape", "a:1x4",
+        "--input-value", "scale=2", "-o", out,
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["a", "b"]
+    assert manifest["source"]["input_values"] == {"scale": 2}
+    a, b = np.full((1, 4), 3.0, np.float32), np.arange(4, dtype=np.float32)[None]
+    got = load(out).run({"b": b, "a": a})
+    np.testing.assert_allclose(next(iter(got.values())), a * 2 + b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--input-shape", "inp:1x4"], "forward(a, b, scale: int)"),
+        (["--input-shape", "a:1x4", "--input-shape", "b:1x4"], "--input-value scale="),
+        (["--input-shape", "a:1x4", "--input-shape", "b:1x4", "--input-value", "2"], "NAME=VALUE"),
+        (["--input-shape", "a:1x3x16x16:float128"], "unknown dtype 'float128'"),
+        (["--input-shape", "a:7x8x1024x1024x1024", "--input-shape", "b:1", "--input-value",
+          "scale=1"], "224 GiB"),
+    ],
+)  # fmt: skip
+def test_cli_input_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+) -> None:
+    src = tmp_path / "sum.pt"
+    torch.jit.save(torch.jit.script(ScaledSum()), str(src))
+    code, err = _cli(capsys, "compile", src, *args, "-o", tmp_path / "pkg")
+    assert code == EXIT_USER and match in _one_error_line(err)
