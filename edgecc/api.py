@@ -97,6 +97,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     calib_samples: int | None = None,
     dump_dir: str | Path | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
+    input_values: Mapping[str, Any] | None = None,
     seed: int = 0,
     probe: str | Path | Mapping[str, np.ndarray] | None = None,
     min_cosine: float | None = None,
@@ -119,7 +121,10 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         calib: calibration data for ``qdq``: ``.npz`` file, folder of ``.npy``, or ``random``.
         calib_samples: use at most this many calibration samples.
         dump_dir: write the graph after each pass and a summary table there.
-        trust_pickle: allow unpickling a whole ``nn.Module`` (runs code from the file).
+        trust_pickle: alias of ``trust_code``.
+        trust_code: load files that run their own code (pickled modules or ``.pt2`` members,
+            TorchScript calling file/network operators); refused otherwise.
+        input_values: constants for non-tensor ``forward`` arguments (``{"sr": 16000}``).
         seed: seed of the probe input and random calibration.
         probe: the input the reference and the per-pass comparisons use (``.npy``/``.npz``
             path or arrays by name; a leading dataset axis is cut to the batch); default a
@@ -166,7 +171,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             model,
             input_specs=_input_specs(input_shapes),
             example_inputs=example_inputs,
-            trust_pickle=trust_pickle,
+            trust_code=trust_code or trust_pickle,
+            input_values=input_values,
             seed=seed,
             probe_inputs=read_arrays(Path(probe)) if isinstance(probe, (str, Path)) else probe,
         )
@@ -210,6 +216,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
                 "sha256": loaded.source_sha256,
                 "reference": loaded.reference_source,
                 "probe": _probe_text(probe),
+                "input_values": loaded.input_values,
+                "fixed_dims": loaded.fixed_dims,
             },
             "inputs": [
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in loaded.inputs

@@ -178,9 +178,19 @@ def _target_names() -> str:
     help="Input (.npy/.npz) the reference and per-pass comparisons use [default: seeded N(0,1)].",
 )
 @click.option(
+    "--trust-code",
     "--trust-pickle",
+    "trust_code",
     is_flag=True,
-    help="Allow loading a pickled nn.Module (runs code from the file).",
+    help="Load a file that runs its own code: a pickled nn.Module, pickled .pt2 members, "
+    "TorchScript calling file or network operators.",
+)
+@click.option(
+    "--input-value",
+    "input_values",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Constant value of a non-tensor forward argument, e.g. sr=16000 (repeatable).",
 )
 @click.option(
     "--seed",
@@ -208,7 +218,8 @@ def compile_cmd(
     calib: str | None,
     calib_samples: int | None,
     probe: Path | None,
-    trust_pickle: bool,
+    trust_code: bool,
+    input_values: tuple[str, ...],
     seed: int,
     min_cosine: float | None,
 ) -> None:
@@ -230,7 +241,8 @@ def compile_cmd(
         calib=calib,
         calib_samples=calib_samples,
         dump_dir=dump_dir,
-        trust_pickle=trust_pickle,
+        trust_code=trust_code,
+        input_values=_input_values(input_values),
         seed=seed,
         probe=probe,
         min_cosine=min_cosine,
@@ -262,6 +274,28 @@ def compile_cmd(
         + "".join(f"\nnote: {n}" for n in man["library"].get("notes", []))
     )
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
+
+
+def _input_values(items: tuple[str, ...]) -> dict[str, Any]:
+    """``NAME=VALUE`` texts -> values (int, float, true/false, else the text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise UserInputError(f"bad --input-value {item!r}: expected NAME=VALUE, e.g. sr=16000")
+        text = text.strip()
+        value: Any = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(text)
+                    break
+                except ValueError:
+                    continue
+        out[name.strip()] = value
+    return out
 
 
 def _sizes(report: dict[str, Any]) -> str:

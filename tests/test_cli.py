@@ -205,7 +205,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
         ("missing", [], EXIT_USER, "does not exist"),
         ("corrupt", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "corrupt.pt"),
         ("truncated_onnx", [], EXIT_USER, "truncated.onnx"),
-        ("pickle", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "--trust-pickle"),
+        ("pickle", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "--trust-code"),
         ("state_dict", ["--input-shape", "x:1x3x8x8"], EXIT_USER, "state_dict"),
         ("ok", [], EXIT_USER, "--input-shape"),
         (

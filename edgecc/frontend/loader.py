@@ -24,15 +24,14 @@ with ``torch.load(weights_only=True)``; ``.pt2`` archives are checked for pickle
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
-import json
 import logging
 import pickle
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,9 @@ import onnx
 
 from edgecc.errors import UnsupportedOperatorError, UserInputError
 from edgecc.frontend import detect
-from edgecc.frontend.onnx_io import MIN_OPSET, finalize, first_line, read_onnx
-from edgecc.frontend.probe import index_bounds, placeholder_inputs, resolve_probe
+from edgecc.frontend import trust as trust_mod
+from edgecc.frontend.onnx_io import MIN_OPSET, finalize, first_line, log_fixed_dims, read_onnx
+from edgecc.frontend.probe import check_probe_size, index_bounds, placeholder_inputs, resolve_probe
 from edgecc.frontend.specs import InputSpec, canonical_dtype
 from edgecc.report.compare import compare_outputs, run_onnx
 
@@ -70,6 +70,8 @@ class LoadedModel:
         export_check: for torch sources, ``compare_outputs`` of ONNX Runtime on the exported
             graph against the torch reference; None for ONNX sources.
         source: the file path, or a description of the in-memory object.
+        input_values: non-tensor ``forward`` arguments fixed as constants, by name.
+        fixed_dims: dynamic input dimensions given a static size (see ``finalize``).
     """
 
     model: onnx.ModelProto
@@ -82,6 +84,8 @@ class LoadedModel:
     reference_source: str
     export_check: dict[str, float] | None = None
     source: str = ""
+    input_values: dict[str, Any] = field(default_factory=dict)
+    fixed_dims: list[dict[str, Any]] = field(default_factory=list)
 
 
 ExampleInputs = tuple | Mapping[str, Any] | None
@@ -95,6 +99,8 @@ def load_model(
     seed: int = 0,
     opset: int = 18,
     probe_inputs: Mapping[str, np.ndarray] | None = None,
+    trust_code: bool = False,
+    input_values: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model file or object, export it to ONNX if needed, and record a reference output.
 
@@ -106,11 +112,17 @@ def load_model(
             specs match inputs by position).
         example_inputs: example tensors (a tuple of positional inputs or a dict of keyword
             inputs) for torch sources; they fix the input shapes and are what the export traces.
-        trust_pickle: allow unpickling a ``torch.save``-d module (runs arbitrary code).
+            Python numbers among them are constant arguments, as ``input_values``.
+        trust_pickle: alias of ``trust_code``.
         seed: seed of the probe inputs.
         probe_inputs: the probe itself (arrays by input name; a leading dataset axis is cut to
             the input's batch), instead of seeded random inputs.
         opset: ONNX opset for torch exports, and the target when upgrading ONNX files below 17.
+        trust_code: allow what runs code from the file: unpickling a ``torch.save``-d module or
+            pickled ``.pt2`` members, TorchScript code calling file/network operators
+            (:mod:`edgecc.frontend.trust`).
+        input_values: values of non-tensor ``forward`` arguments (``{"sr": 16000}``), fixed
+            as constants of the exported graph.
 
     Raises:
         UserInputError: missing/corrupt/unsupported file, unknown input shapes, failed export.
@@ -118,46 +130,59 @@ def load_model(
     if opset < MIN_OPSET:
         raise UserInputError(f"opset {opset} is too old: edgecc needs opset >= {MIN_OPSET}")
     specs = list(input_specs or [])
+    trust = trust_code or trust_pickle
+    values = dict(input_values or {})
     if probe_inputs is not None:
         seed = probe_inputs  # the helpers below take "seed or the probe arrays"
     if isinstance(source, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(source)  # finalize edits in place; leave the caller's proto alone
-        return _from_onnx(copy, specs, seed, opset, "onnx model", None)
+        return _from_onnx(copy, specs, seed, opset, "onnx model", None, values)
     if isinstance(source, (str, Path)):
-        return _from_file(Path(source), specs, example_inputs, trust_pickle, seed, opset)
-    return _from_torch_object(source, specs, example_inputs, seed, opset, None, None)
+        return _from_file(Path(source), specs, example_inputs, trust, seed, opset, values)
+    return _from_torch_object(source, specs, example_inputs, seed, opset, None, None, values)
 
 
 def _from_file(
     path: Path,
     specs: list[InputSpec],
     example_inputs: ExampleInputs,
-    trust_pickle: bool,
+    trust: bool,
     seed: int | Mapping[str, np.ndarray],
     opset: int,
+    values: dict[str, Any],
 ) -> LoadedModel:
     kind = detect.detect_format(path)
     digest = _sha256(path)
     if kind == detect.ONNX:
-        return _from_onnx(read_onnx(path), specs, seed, opset, str(path), digest)
+        return _from_onnx(read_onnx(path), specs, seed, opset, str(path), digest, values)
     import torch
 
     from edgecc.frontend.torch_export import quiet
 
     if kind == detect.TORCHSCRIPT:
+        if not trust:
+            _refuse_untrusted(path, "a TorchScript archive", trust_mod.torchscript_problem(path))
         try:
             with quiet():
                 obj = torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
             raise UserInputError(f"cannot load TorchScript file {path}: {first_line(err)}") from err
     elif kind == detect.EXPORT:
-        obj = _load_exported_program(path, trust_pickle)
+        obj = _load_exported_program(path, trust)
     else:
-        obj = _load_pickle(path, trust_pickle)
+        obj = _load_pickle(path, trust)
     return _from_torch_object(
-        obj, specs, example_inputs, seed, opset, path, digest, pickled=kind == detect.PICKLE
+        obj, specs, example_inputs, seed, opset, path, digest, values, pickled=kind == detect.PICKLE
     )
+
+
+def _refuse_untrusted(path: Path, what: str, problem: str) -> None:
+    if problem:
+        raise UserInputError(
+            f"{path} is {what} with {problem}: loading it runs code from the file; rerun with "
+            "--trust-code (trust_code=True) if you trust it"
+        )
 
 
 def _from_onnx(
@@ -167,10 +192,16 @@ def _from_onnx(
     opset: int,
     origin: str,
     digest: str | None,
+    values: dict[str, Any],
 ) -> LoadedModel:
     import onnxruntime
 
-    model, inputs = finalize(model, specs, opset, origin)
+    if values:
+        raise UserInputError(
+            f"--input-value {', '.join(values)}: ONNX models take tensors only; pass inputs' "
+            "shapes with --input-shape"
+        )
+    model, inputs, fixed = finalize(model, specs, opset, origin)
     _stamp(model, "onnx", digest)
     probe = resolve_probe(inputs, seed, index_bounds(model))
     reference = _run_ort(model, probe, origin)
@@ -184,6 +215,7 @@ def _from_onnx(
         reference_outputs=reference,
         reference_source=f"onnxruntime {onnxruntime.__version__} (CPU, graph optimisations off)",
         source=origin,
+        fixed_dims=fixed,
     )
 
 
@@ -220,6 +252,8 @@ class _TorchPlan:
     specs: list[InputSpec]
     examples: dict[str, Any] | None
     hint: str = ""
+    constants: dict[str, Any] = field(default_factory=dict)
+    dynamic_dims: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def _from_torch_object(
@@ -230,16 +264,24 @@ def _from_torch_object(
     opset: int,
     path: Path | None,
     digest: str | None,
+    values: dict[str, Any] | None = None,
     pickled: bool = False,
 ) -> LoadedModel:
     import torch
 
+    values = dict(values or {})
     if isinstance(obj, torch.export.ExportedProgram):
+        if values:
+            raise UserInputError(
+                f"--input-value {', '.join(values)}: an ExportedProgram fixed its non-tensor "
+                "arguments when it was exported"
+            )
         plan = _exported_plan(obj, specs, example_inputs, opset)
     elif isinstance(obj, torch.jit.ScriptModule):
-        plan = _script_plan(obj, specs, example_inputs, opset)
+        plan = _script_plan(obj, specs, example_inputs, values, opset)
     elif isinstance(obj, torch.nn.Module):
-        plan = _module_plan(obj, specs, example_inputs, opset, "pickle" if pickled else "module")
+        fmt = "pickle" if pickled else "module"
+        plan = _module_plan(obj, specs, example_inputs, values, opset, fmt)
     else:
         raise UserInputError(
             f"cannot compile a {type(obj).__name__}: pass a model file, an nn.Module, a "
@@ -259,15 +301,16 @@ def _export_and_reference(
 ) -> LoadedModel:
     import torch
 
-    from edgecc.frontend.torch_export import run_torch
+    from edgecc.frontend.torch_export import error_line, run_torch
 
+    check_probe_size(plan.specs)
     example = plan.examples or _as_torch(placeholder_inputs(plan.specs))
     args, kwargs = plan.pack(example)
     try:
         traced_outputs = run_torch(plan.call, args, kwargs)
     except Exception as err:
         raise UserInputError(
-            f"running {origin} on example inputs failed: {first_line(err)}"
+            f"running {origin} on example inputs failed: {error_line(err)}"
         ) from err
     names = [name for name, _ in traced_outputs]
     try:
@@ -275,12 +318,20 @@ def _export_and_reference(
     except Exception as err:
         logger.debug("export of %s failed", origin, exc_info=True)
         raise UserInputError(
-            f"exporting {origin} to ONNX failed: {first_line(err)}{plan.hint}"
+            f"exporting {origin} to ONNX failed: {error_line(err)}{plan.hint}"
         ) from err
     model.doc_string = (
         f"exported by edgecc from {plan.fmt} ({plan.describe}) with torch {torch.__version__}"
     )
-    model, inputs = finalize(model, plan.specs, opset, origin)
+    model, inputs, fixed = finalize(model, plan.specs, opset, origin)
+    if plan.dynamic_dims:  # exported static (see _exported_plan): name the dims fixed here
+        shapes = {s.name: s.shape for s in inputs}
+        fixed = [
+            {"input": name, "axis": axis, "dim": symbol, "value": shapes[name][axis]}
+            for name, axis, symbol in plan.dynamic_dims
+            if name in shapes
+        ]
+        log_fixed_dims(origin, fixed)
     _stamp(model, plan.fmt, digest)
     output_names = [o.name for o in model.graph.output]
     if len(output_names) != len(names):
@@ -297,7 +348,7 @@ def _export_and_reference(
         outputs = run_torch(plan.call, args, kwargs)
     except Exception as err:
         raise UserInputError(
-            f"running {origin} on the probe inputs failed: {first_line(err)}"
+            f"running {origin} on the probe inputs failed: {error_line(err)}"
         ) from err
     reference = {name: value for name, (_, value) in zip(output_names, outputs, strict=True)}
     check = compare_outputs(_run_ort(model, probe, f"the graph exported from {origin}"), reference)
@@ -316,51 +367,109 @@ def _export_and_reference(
         reference_source=f"torch {torch.__version__} ({plan.describe}, CPU)",
         export_check=check,
         source=origin,
+        input_values=plan.constants,
+        fixed_dims=fixed,
     )
 
 
+@dataclass
+class _Params:
+    """A ``forward`` signature: what binding by name needs.
+
+    Attributes:
+        names: parameter names in order (``self`` excluded).
+        closed: no ``*args``/``**kwargs``: a name outside ``names`` is an error.
+        types: type of each parameter where known (TorchScript: ``Tensor``, ``int``...).
+        defaults: default values of parameters that have one.
+    """
+
+    names: list[str]
+    closed: bool
+    types: dict[str, str]
+    defaults: dict[str, Any]
+
+    def is_tensor(self, name: str) -> bool:
+        kind = self.types.get(name, "Tensor")
+        return "Tensor" in kind
+
+    def signature(self) -> str:
+        return ", ".join(
+            f"{n}: {self.types[n]}" if n in self.types and not self.is_tensor(n) else n
+            for n in self.names
+        )
+
+
+@dataclass
+class _Binding:
+    specs: list[InputSpec]
+    examples: dict[str, Any] | None
+    by_keyword: bool
+    constants: dict[str, Any]
+
+
 def _module_plan(
-    module: Any, specs: list[InputSpec], example_inputs: ExampleInputs, opset: int, fmt: str
+    module: Any,
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    values: dict[str, Any],
+    opset: int,
+    fmt: str,
 ) -> _TorchPlan:
     from edgecc.frontend.torch_export import export_dynamo
 
     params = _forward_params(module)
-    specs, examples, by_keyword = _resolve_torch_specs(
-        specs, example_inputs, params, type(module).__name__, keywords_ok=True
-    )
+    bind = _bind_inputs(specs, example_inputs, values, params, type(module).__name__, True)
     return _TorchPlan(
         fmt=fmt,
         describe=f"nn.Module {type(module).__name__}",
         call=module,
-        pack=_packer([s.name for s in specs], by_keyword),
+        pack=_packer(bind, params),
         export=lambda a, k, i, o: export_dynamo(module, a, k, i, o, opset),
-        specs=specs,
-        examples=examples,
+        specs=bind.specs,
+        examples=bind.examples,
+        constants=bind.constants,
     )
 
 
 def _script_plan(
-    module: Any, specs: list[InputSpec], example_inputs: ExampleInputs, opset: int
+    module: Any,
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    values: dict[str, Any],
+    opset: int,
 ) -> _TorchPlan:
     from edgecc.frontend.torch_export import export_torchscript
 
-    params = [a.name for a in module.forward.schema.arguments[1:]]
-    specs, examples, _ = _resolve_torch_specs(
-        specs, example_inputs, params, "TorchScript module", keywords_ok=False
+    arguments = module.forward.schema.arguments[1:]
+    params = _Params(
+        names=[a.name for a in arguments],
+        closed=True,
+        types={a.name: str(a.type) for a in arguments},
+        defaults={a.name: a.default_value for a in arguments if a.has_default_value()},
     )
+    bind = _bind_inputs(specs, example_inputs, values, params, "TorchScript module", False)
+    pack = _packer(bind, params)
+    positional = [n for n in params.names if n in bind.constants or n in _spec_names(bind)]
     return _TorchPlan(
         fmt="torchscript",
         describe="TorchScript module",
         call=module,
-        pack=_packer([s.name for s in specs], False),
-        export=lambda a, k, i, o: export_torchscript(module, a, i, o, opset),
-        specs=specs,
-        examples=examples,
+        pack=pack,
+        export=lambda a, k, i, o: export_torchscript(
+            module, a, positional[: len(a)], o, opset, bind.constants
+        ),
+        specs=bind.specs,
+        examples=bind.examples,
+        constants=bind.constants,
         hint=(
             " (TorchScript goes through torch's legacy exporter, which cannot export dict "
             "outputs or some ops; a torch.export.save .pt2 file uses the newer exporter)"
         ),
     )
+
+
+def _spec_names(bind: _Binding) -> set[str]:
+    return {s.name for s in bind.specs}
 
 
 def _exported_plan(
@@ -380,113 +489,242 @@ def _exported_plan(
             raise UserInputError(
                 "the ExportedProgram's example inputs are not one tensor per input"
             )
-        by_name = {s.name: s for s in specs if s.name}
+        by_name = _named_specs(specs, names, "the ExportedProgram")
         specs = [by_name.get(n, _spec_of(n, t)) for n, t in zip(names, flat, strict=True)]
         examples = {n: t for n, t in zip(names, flat, strict=True) if n not in by_name}
         examples = examples if len(examples) == len(names) else None
     else:
-        specs, examples, _ = _resolve_torch_specs(
-            specs, example_inputs, names, "ExportedProgram", keywords_ok=True
-        )
+        params = _Params(names, True, {}, {})
+        bind = _bind_inputs(specs, example_inputs, {}, params, "ExportedProgram", True)
+        specs, examples = bind.specs, bind.examples
 
     def pack(values: dict[str, Any]) -> tuple[tuple, dict]:
         args, kwargs = _pytree.tree_unflatten([values[n] for n in names], in_spec)
         return tuple(args), dict(kwargs)
 
+    # A program with dynamic dims is re-exported from its module at the chosen static shapes:
+    # exported as is, its shape arithmetic hides static sizes from ONNX shape inference (the
+    # input graph's MatMuls had unknown shapes and counted 0 MACs).
+    dynamic = _dynamic_dims(program, names)
+    module = program.module()
+    source = module if dynamic else program
     return _TorchPlan(
         fmt="export",
         describe="torch.export ExportedProgram",
-        call=program.module(),
+        call=module,
         pack=pack,
-        export=lambda a, k, i, o: export_dynamo(program, a, k, i, o, opset),
+        export=lambda a, k, i, o: export_dynamo(source, a, k, i, o, opset),
         specs=specs,
         examples=examples,
+        dynamic_dims=dynamic,
     )
 
 
-def _resolve_torch_specs(
-    specs: list[InputSpec],
-    example_inputs: ExampleInputs,
-    params: list[str],
-    what: str,
-    keywords_ok: bool,
-) -> tuple[list[InputSpec], dict[str, Any] | None, bool]:
-    """Input specs, example tensors (or None) and whether to call by keyword.
-
-    Example inputs win (their shapes are what the user traced with); named specs must then
-    agree with them. Without examples, specs name the inputs (unnamed ones take the forward
-    parameter names by position).
-    """
+def _dynamic_dims(program: Any, names: list[str]) -> list[tuple[str, int, str]]:
+    """(input, axis, symbol) of every symbolic dimension of the program's user inputs."""
     import torch
 
+    out = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        value = node.meta.get("val")
+        for axis, dim in enumerate(getattr(value, "shape", ())):
+            if isinstance(dim, torch.SymInt):
+                out.append((node.name, axis, str(dim)))
+    return out
+
+
+def _named_specs(specs: list[InputSpec], names: list[str], what: str) -> dict[str, InputSpec]:
+    """Specs by name; unnamed ones take the inputs in order; unknown names are refused."""
+    unknown = [s.name for s in specs if s.name and s.name not in names]
+    if unknown:
+        raise UserInputError(
+            f"--input-shape names {', '.join(unknown)} are not inputs of {what}; its inputs "
+            f"are: {', '.join(names)}"
+        )
+    by_name = {s.name: s for s in specs if s.name}
+    free = iter(n for n in names if n not in by_name)
+    for spec in specs:
+        if not spec.name:
+            name = next(free, None)
+            if name is None:
+                raise UserInputError(f"{len(specs)} input specs given but {what} has {len(names)}")
+            by_name[name] = InputSpec(name, spec.shape, spec.dtype)
+    return by_name
+
+
+def _bind_inputs(
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    values: dict[str, Any],
+    params: _Params,
+    what: str,
+    keywords_ok: bool,
+) -> _Binding:
+    """Input specs in ``forward`` order, example tensors (or None), constants, call style.
+
+    Example inputs win (their shapes are what the user traced with); named specs must then
+    agree with them. Without examples, specs name the inputs (unnamed ones take the tensor
+    parameters in order). Names are bound to ``forward``'s parameter names, never by the order
+    they were given in.
+    """
+    constants = _constants(values, params, what)
     if example_inputs is not None:
-        by_keyword = isinstance(example_inputs, Mapping)
-        if by_keyword:
-            items = list(example_inputs.items())
-        else:
-            values = (
-                example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-            )
-            items = [(_param_name(params, i), v) for i, v in enumerate(values)]
-        examples = {}
-        for name, value in items:
-            if isinstance(value, np.ndarray):
-                value = torch.from_numpy(value.copy())
-            if not isinstance(value, torch.Tensor):
-                raise UserInputError(
-                    f"example input {name!r} is a {type(value).__name__}, not a tensor"
-                )
-            examples[name] = value
-        resolved = [_spec_of(n, t) for n, t in examples.items()]
-        given = {s.name: s for s in specs if s.name}
-        extra = sorted(set(given) - set(examples))
-        if extra:
-            raise UserInputError(
-                f"--input-shape names {', '.join(extra)} are not among the example inputs "
-                f"({', '.join(examples)})"
-            )
-        for spec in resolved:
-            if spec.name in given and given[spec.name].shape != spec.shape:
-                raise UserInputError(
-                    f"input {spec.name!r}: --input-shape {given[spec.name].text()} disagrees "
-                    f"with the example input's shape {spec.text()}"
-                )
-        return resolved, examples, by_keyword and keywords_ok
+        return _bind_examples(specs, example_inputs, constants, params, what, keywords_ok)
+    tensor_params = [n for n in params.names if n not in constants and params.is_tensor(n)]
     if not specs:
-        required = params[:1] or ["input"]
+        required = tensor_params[:1] or ["input"]
         raise UserInputError(
             f"input shapes of the {what} are unknown: pass them with --input-shape "
-            f"{required[0]}:1x3x224x224 (one per input; inputs: {', '.join(params) or '?'})"
+            f"{required[0]}:1x3x224x224 (one per input; forward({params.signature() or '?'}))"
         )
-    if all(s.name for s in specs):
-        by_keyword = keywords_ok and all(s.name in params for s in specs)
-        return list(specs), None, by_keyword
-    named = [
-        InputSpec(s.name or _param_name(params, i), s.shape, s.dtype) for i, s in enumerate(specs)
-    ]
-    return named, None, False
+    if params.closed or not params.names:
+        names = tensor_params or [s.name or f"input_{i}" for i, s in enumerate(specs)]
+        for spec in specs:
+            if spec.name in params.names and not params.is_tensor(spec.name):
+                raise UserInputError(
+                    f"forward argument {spec.name!r} is a {params.types[spec.name]}, not a "
+                    f"tensor: give its value with --input-value {spec.name}=VALUE"
+                )
+        by_name = _named_specs(specs, names, f"forward({params.signature()})")
+    else:  # **kwargs: names outside the signature are accepted as keywords
+        by_name = {s.name: s for s in specs if s.name}
+        free = iter(n for n in tensor_params if n not in by_name)
+        for spec in specs:
+            if not spec.name:
+                name = next(free, f"input_{len(by_name)}")
+                by_name[name] = InputSpec(name, spec.shape, spec.dtype)
+    _check_required(params, set(by_name) | set(constants), what)
+    order = [n for n in params.names if n in by_name]
+    order += [n for n in by_name if n not in params.names]
+    by_keyword = keywords_ok and all(s.name for s in specs)
+    return _Binding([by_name[n] for n in order], None, by_keyword, constants)
 
 
-def _packer(names: list[str], by_keyword: bool) -> Callable[[dict[str, Any]], tuple[tuple, dict]]:
+def _bind_examples(
+    specs: list[InputSpec],
+    example_inputs: ExampleInputs,
+    constants: dict[str, Any],
+    params: _Params,
+    what: str,
+    keywords_ok: bool,
+) -> _Binding:
+    import torch
+
+    by_keyword = isinstance(example_inputs, Mapping)
+    if by_keyword:
+        items = list(example_inputs.items())
+    else:
+        values = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        items = [(_param_name(params.names, i), v) for i, v in enumerate(values)]
+    unknown = [n for n, _ in items if params.closed and params.names and n not in params.names]
+    if unknown:
+        raise UserInputError(
+            f"example inputs {', '.join(unknown)} are not arguments of "
+            f"forward({params.signature()})"
+        )
+    examples = {}
+    for name, value in items:
+        if isinstance(value, (bool, int, float)) and not isinstance(value, np.ndarray):
+            constants[name] = value
+            continue
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value.copy())
+        if not isinstance(value, torch.Tensor):
+            raise UserInputError(
+                f"example input {name!r} is a {type(value).__name__}, not a tensor or a number"
+            )
+        examples[name] = value
+    resolved = [_spec_of(n, t) for n, t in examples.items()]
+    given = {s.name: s for s in specs if s.name}
+    extra = sorted(set(given) - set(examples))
+    if extra:
+        raise UserInputError(
+            f"--input-shape names {', '.join(extra)} are not among the example inputs "
+            f"({', '.join(examples)})"
+        )
+    for spec in resolved:
+        if spec.name in given and given[spec.name].shape != spec.shape:
+            raise UserInputError(
+                f"input {spec.name!r}: --input-shape {given[spec.name].text()} disagrees "
+                f"with the example input's shape {spec.text()}"
+            )
+    _check_required(params, set(examples) | set(constants), what)
+    return _Binding(resolved, examples, by_keyword and keywords_ok, constants)
+
+
+def _constants(values: Mapping[str, Any], params: _Params, what: str) -> dict[str, Any]:
+    """``--input-value`` values, checked against the signature and cast to its types."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if params.closed and params.names and name not in params.names:
+            raise UserInputError(
+                f"--input-value {name}: not an argument of forward({params.signature()})"
+            )
+        kind = params.types.get(name, "")
+        if "Tensor" in kind:
+            raise UserInputError(
+                f"--input-value {name}: that argument is a tensor; give its shape with "
+                f"--input-shape {name}:..."
+            )
+        try:
+            out[name] = {"int": int, "float": float, "bool": bool, "str": str}.get(
+                kind, lambda v: v
+            )(value)
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"--input-value {name}={value!r}: not a {kind}") from err
+    return out
+
+
+def _check_required(params: _Params, bound: set[str], what: str) -> None:
+    """Non-tensor parameters without a value or a default are an error."""
+    for name in params.names:
+        if name in bound or name in params.defaults or params.is_tensor(name):
+            continue
+        raise UserInputError(
+            f"forward argument {name!r} of the {what} is a {params.types[name]}, not a tensor: "
+            f"give its value with --input-value {name}=VALUE"
+        )
+
+
+def _packer(bind: _Binding, params: _Params) -> Callable[[dict[str, Any]], tuple[tuple, dict]]:
+    """Arguments for ``forward`` from the input tensors by name, with the constants."""
+    tensor_names = [s.name for s in bind.specs]
+    constants = bind.constants
+
     def pack(values: dict[str, Any]) -> tuple[tuple, dict]:
-        if by_keyword:
-            return (), {n: values[n] for n in names}
-        return tuple(values[n] for n in names), {}
+        merged = {**constants, **{n: values[n] for n in tensor_names}}
+        if bind.by_keyword:
+            return (), merged
+        if not params.names:
+            return tuple(merged[n] for n in tensor_names), {}
+        given = [i for i, n in enumerate(params.names) if n in merged]
+        upto = params.names[: given[-1] + 1] if given else []
+        args = tuple(merged[n] if n in merged else params.defaults.get(n) for n in upto)
+        return args, {}
 
     return pack
 
 
-def _forward_params(module: Any) -> list[str]:
+def _forward_params(module: Any) -> _Params:
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
-        return []
+        return _Params([], False, {}, {})
     kinds = (
         inspect.Parameter.POSITIONAL_ONLY,
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
         inspect.Parameter.KEYWORD_ONLY,
     )
-    return [p.name for p in sig.parameters.values() if p.kind in kinds]
+    params = [p for p in sig.parameters.values() if p.kind in kinds]
+    closed = len(params) == len(sig.parameters)
+    return _Params(
+        names=[p.name for p in params],
+        closed=closed,
+        types={},
+        defaults={p.name: p.default for p in params if p.default is not p.empty},
+    )
 
 
 def _param_name(params: list[str], i: int) -> str:
@@ -536,7 +774,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise UserInputError(
                 f"{path} is a pickled module{_unsafe_globals(path)}: unpickling it runs arbitrary "
-                "code from the file; rerun with --trust-pickle (trust_pickle=True) if you trust it"
+                "code from the file; rerun with --trust-code (trust_code=True) if you trust it"
             ) from err
     except Exception as err:
         raise UserInputError(
@@ -579,55 +817,25 @@ def _unsafe_globals(path: Path) -> str:
     return f" (classes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
 
 
-def _load_exported_program(path: Path, trust_pickle: bool) -> Any:
-    """``torch.export.load``, after checking that it will not unpickle anything untrusted.
+def _load_exported_program(path: Path, trust: bool) -> Any:
+    """``torch.export.load``, after checking that it will run nothing from the file.
 
-    torch 2.13 unpickles (``weights_only=False``) tensor-subclass weights and constants, opaque
-    objects, and sample inputs that fail a ``weights_only`` load; plain tensors are raw bytes.
+    See :mod:`edgecc.frontend.trust` for what torch 2.13 would run and what is checked; the
+    load itself runs with ``torch.load`` held to ``weights_only=True`` unless trusted.
     """
     import torch
 
     from edgecc.frontend.torch_export import quiet
 
-    if not trust_pickle:
-        reason = _pt2_needs_unpickling(path)
-        if reason:
-            raise UserInputError(
-                f"{path} is a torch.export archive with {reason}: loading it runs arbitrary code "
-                "from the file; rerun with --trust-pickle (trust_pickle=True) if you trust it"
-            )
+    guard = contextlib.nullcontext()
+    if not trust:
+        _refuse_untrusted(path, "a torch.export archive", trust_mod.pt2_problem(path))
+        guard = trust_mod.no_unsafe_unpickling()
     try:
-        with quiet():
+        with quiet(), guard:
             return torch.export.load(str(path))
     except Exception as err:
         raise UserInputError(f"cannot load torch.export archive {path}: {first_line(err)}") from err
-
-
-def _pt2_needs_unpickling(path: Path) -> str:
-    """Why loading the .pt2 archive would unpickle data ('' when it would not)."""
-    import io
-
-    import torch
-
-    from edgecc.frontend.torch_export import quiet
-
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            inner = name.split("/", 1)[-1]
-            if inner.endswith("_config.json") and inner.startswith("data/"):
-                config = json.loads(zf.read(name)).get("config", {})
-                for fqn, meta in config.items():
-                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-                        ("weight_", "tensor_")
-                    ):
-                        return f"pickled member {fqn!r}"
-            elif inner.endswith(".pt"):
-                try:
-                    with quiet():
-                        torch.load(io.BytesIO(zf.read(name)), weights_only=True)
-                except Exception:
-                    return f"pickled objects in {inner}"
-    return ""
 
 
 def _stamp(model: onnx.ModelProto, fmt: str, digest: str | None) -> None:

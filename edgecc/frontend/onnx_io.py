@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import external_data_helper, shape_inference, version_converter
@@ -69,8 +70,12 @@ def onnx_opset(model: onnx.ModelProto) -> int:
 
 def finalize(
     model: onnx.ModelProto, specs: Sequence[InputSpec], opset: int, origin: str
-) -> tuple[onnx.ModelProto, list[InputSpec]]:
+) -> tuple[onnx.ModelProto, list[InputSpec], list[dict[str, Any]]]:
     """Self-contained, opset >= 17, static inputs, checked, shapes inferred.
+
+    A negative ``dim_value`` (Paddle's exporter writes ``-1``) is an unknown dimension, as
+    ONNX Runtime reads it. Every dimension the model leaves dynamic and a spec fixes is logged
+    in one WARNING line (the package then takes only that size) and returned.
 
     Args:
         model: the model (edited in place where possible).
@@ -80,7 +85,8 @@ def finalize(
         origin: what the model came from, for error messages.
 
     Returns:
-        The finished model and the spec of each of its inputs, in graph order.
+        The finished model, the spec of each of its inputs in graph order, and the dynamic
+        dimensions fixed: ``{"input", "axis", "dim" (its symbol or "?"), "value"}`` each.
     """
     if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
         raise UserInputError(f"{origin}: weights refer to external data files that were not loaded")
@@ -94,7 +100,9 @@ def finalize(
                 f"{origin}: opset {version} is below {MIN_OPSET} and converting it to {opset} "
                 f"failed: {first_line(err)}"
             ) from err
-    resolved, changed = _static_inputs(model, specs, origin)
+    _unknown_negative_dims(model)
+    resolved, changed, fixed = _static_inputs(model, specs, origin)
+    log_fixed_dims(origin, fixed)
     if changed:
         # Symbolic shapes inferred earlier would contradict the new static ones.
         del model.graph.value_info[:]
@@ -113,7 +121,30 @@ def finalize(
         except Exception as err:
             logger.debug("checking %s failed", origin, exc_info=True)
             raise UserInputError(f"{origin}: invalid ONNX model: {first_line(err)}") from err
-    return model, resolved
+    return model, resolved, fixed
+
+
+def log_fixed_dims(origin: str, fixed: Sequence[dict[str, Any]]) -> None:
+    """One WARNING line naming every dynamic dimension given a static size, and the size."""
+    if fixed:
+        logger.warning(
+            "%s: dynamic dims fixed: %s (the package takes only these sizes; set them with "
+            "--input-shape)",
+            origin,
+            ", ".join(f"{f['input']}[{f['axis']}] ({f['dim']}) = {f['value']}" for f in fixed),
+        )
+
+
+def _unknown_negative_dims(model: onnx.ModelProto) -> None:
+    """``dim_value < 0`` -> unknown (cleared) in inputs, outputs and value_info."""
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                logger.debug("%s: dim_value %d read as unknown", vi.name, dim.dim_value)
+                dim.Clear()
 
 
 def _check_and_infer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -123,7 +154,7 @@ def _check_and_infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _static_inputs(
     model: onnx.ModelProto, specs: Sequence[InputSpec], origin: str
-) -> tuple[list[InputSpec], bool]:
+) -> tuple[list[InputSpec], bool, list[dict[str, Any]]]:
     inputs = graph_inputs(model)
     names = [i.name for i in inputs]
     by_name = {s.name: s for s in specs if s.name}
@@ -136,11 +167,16 @@ def _static_inputs(
         )
     if len(by_name) + len(unnamed) > len(names):
         raise UserInputError(f"{len(specs)} input specs given but {origin} has {len(names)} inputs")
-    resolved, changed = [], False
+    resolved, changed, fixed = [], False, []
     for inp in inputs:
         spec = by_name.get(inp.name) or (unnamed.pop(0) if unnamed else None)
         shape = _resolve_shape(inp, spec, origin)
         dims = inp.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                fixed.append(
+                    {"input": inp.name, "axis": axis, "dim": _dim_text(dim), "value": shape[axis]}
+                )
         if [d.dim_value if d.HasField("dim_value") else None for d in dims] != list(shape):
             changed = True
             inp.type.tensor_type.shape.ClearField("dim")
@@ -155,7 +191,7 @@ def _static_inputs(
                 spec.dtype,
             )
         resolved.append(InputSpec(inp.name, shape, dtype))
-    return resolved, changed
+    return resolved, changed, fixed
 
 
 def _resolve_shape(

@@ -11,6 +11,7 @@ cosine in the dumps meaningful for lossy passes whose calibration expects real i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,10 @@ from edgecc.frontend.specs import InputSpec
 from edgecc.passes.graph import GraphIndex, attr
 
 MAX_INDEX = 1000
+# Probe inputs larger than this are refused before anything is allocated: they are held several
+# times over (probe, reference run, ONNX Runtime, reference.npz), and no edge model's single
+# input comes near it.
+MAX_PROBE_BYTES = 2 << 30
 
 # Ops through which an integer input keeps being "the same ids" (only reshaped or re-typed).
 _TRANSPARENT = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
@@ -54,6 +59,38 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
     return bounds
 
 
+def probe_bytes(specs: Sequence[InputSpec]) -> int:
+    """Bytes the inputs of ``specs`` take together (Python integers: no overflow)."""
+    return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs)
+
+
+def check_probe_size(specs: Sequence[InputSpec]) -> None:
+    """Refuse inputs whose probe would need more than :data:`MAX_PROBE_BYTES`.
+
+    Raises:
+        UserInputError: naming the largest input and the memory it would need.
+    """
+    need = probe_bytes(specs)
+    if need <= MAX_PROBE_BYTES:
+        return
+    big = max(specs, key=lambda s: math.prod(s.shape) * np.dtype(s.dtype).itemsize)
+    raise UserInputError(
+        f"the inputs need {format_bytes(need)} of memory (input {big.text()} alone "
+        f"{format_bytes(math.prod(big.shape) * np.dtype(big.dtype).itemsize)}); edgecc refuses "
+        f"probes above {format_bytes(MAX_PROBE_BYTES)}: pass a smaller --input-shape"
+    )
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in binary units, e.g. ``224 GiB``."""
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "bytes" or value >= 10 else f"{value:.1f} {unit}"
+
+
 def make_probe_inputs(
     specs: Sequence[InputSpec], seed: int = 0, bounds: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
@@ -64,6 +101,7 @@ def make_probe_inputs(
         seed: seed for ``np.random.default_rng``.
         bounds: per-input exclusive upper bound for integer ids (default :data:`MAX_INDEX`).
     """
+    check_probe_size(specs)
     rng = np.random.default_rng(seed)
     bounds = bounds or {}
     probe: dict[str, np.ndarray] = {}
@@ -108,7 +146,12 @@ def resolve_probe(
                 f"{[s.name for s in specs]}"
             )
         arr = np.asarray(probe[spec.name])
-        if arr.shape[1:] == tuple(spec.shape[1:]) and arr.shape[0] >= spec.shape[0]:
+        if (  # a dataset: more rows than the batch (a 0-d array or input has no dataset axis)
+            arr.ndim
+            and spec.shape
+            and arr.shape[1:] == tuple(spec.shape[1:])
+            and arr.shape[0] >= spec.shape[0]
+        ):
             arr = arr[: spec.shape[0]]
         if arr.shape != tuple(spec.shape):
             raise UserInputError(
@@ -119,7 +162,7 @@ def resolve_probe(
             raise UserInputError(
                 f"probe array {spec.name!r} has dtype {arr.dtype}, the input is {spec.dtype}"
             )
-        out[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype))
+        out[spec.name] = arr.astype(spec.dtype, order="C")  # ascontiguousarray makes 0-d 1-d
     return out
 
 

@@ -43,6 +43,8 @@ _DTYPE_ALIASES = {
     "bool": "bool",
 }
 
+_SUPPORTED = frozenset(_DTYPE_ALIASES.values()) | {"uint16", "uint32", "uint64"}
+
 _SHAPE_RE = re.compile(r"\d+(?:[x*]\d+)*")
 
 
@@ -89,9 +91,9 @@ def canonical_dtype(text: str) -> str:
         dtype = np.dtype(key)
     except TypeError:
         dtype = np.dtype(object)
-    if dtype.kind in "biuf":
+    if dtype.name in _SUPPORTED:  # float128, longdouble...: numpy has them, ONNX does not
         return dtype.name
-    known = ", ".join(sorted(set(_DTYPE_ALIASES.values())))
+    known = ", ".join(sorted(_SUPPORTED))
     raise UserInputError(f"unknown dtype {text!r}; known: {known}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -145,12 +146,18 @@ def export_dynamo(
 
 def export_torchscript(
     module: torch.jit.ScriptModule,
-    args: tuple[torch.Tensor, ...],
+    args: tuple[Any, ...],
     input_names: Sequence[str],
     output_names: Sequence[str],
     opset: int,
+    constants: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
-    """Export a ScriptModule with the legacy TorchScript exporter, no constant folding."""
+    """Export a ScriptModule with the legacy TorchScript exporter, no constant folding.
+
+    ``args`` are ``forward``'s positional arguments, named by ``input_names``; the legacy
+    exporter makes graph inputs even of Python numbers, so the inputs named in ``constants``
+    become initializers holding those values.
+    """
     buffer = io.BytesIO()
     with quiet():
         torch.onnx.export(
@@ -165,4 +172,39 @@ def export_torchscript(
             output_names=list(output_names),
             training=torch.onnx.TrainingMode.EVAL,
         )
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load_from_string(buffer.getvalue())
+    _inputs_to_constants(model, constants or {})
+    return model
+
+
+def _inputs_to_constants(model: onnx.ModelProto, constants: Mapping[str, Any]) -> None:
+    graph = model.graph
+    for inp in list(graph.input):
+        if inp.name not in constants:
+            continue
+        ttype = inp.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        dims = [d.dim_value for d in ttype.shape.dim]
+        value = np.array(constants[inp.name], dtype=dtype).reshape(dims)
+        graph.initializer.append(onnx.numpy_helper.from_array(value, inp.name))
+        graph.input.remove(inp)
+
+
+_TS_FAILED = "The following operation failed in the TorchScript interpreter"
+_ERROR_LINE = re.compile(r"(?:[\w.]*(?:Error|Exception)): (.+)")
+
+
+def error_line(err: BaseException) -> str:
+    """One line saying why ``err`` happened.
+
+    TorchScript's interpreter errors start with a fixed sentence and a TorchScript traceback;
+    the reason is the last ``SomeError: ...`` line, which is what is returned for them.
+    """
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith(_TS_FAILED):
+        for line in reversed(lines):
+            match = _ERROR_LINE.fullmatch(line)
+            if match:
+                return match.group(1)
+    return lines[0] if lines else type(err).__name__

@@ -160,10 +160,10 @@ def _user_error(*args: object, match: str, **kwargs: object) -> str:
 
 def test_pickled_module_needs_trust(files: dict[str, Path]) -> None:
     msg = _user_error(
-        files["pickle"], input_specs=SPEC, match="pickled module|arbitrary code|--trust-pickle"
+        files["pickle"], input_specs=SPEC, match="pickled module|arbitrary code|--trust-code"
     )
     assert "tests.models.ResNetish" in msg  # listed without unpickling
-    _user_error(files["legacy_pickle"], input_specs=SPEC, match="pickled module|--trust-pickle")
+    _user_error(files["legacy_pickle"], input_specs=SPEC, match="pickled module|--trust-code")
 
 
 @pytest.mark.parametrize("key", ["state_dict", "checkpoint"])
@@ -195,7 +195,7 @@ def test_pt2_with_pickled_members_needs_trust(files: dict[str, Path], tmp_path: 
                 next(iter(config["config"].values()))["use_pickle"] = True
                 data = json.dumps(config).encode()
             dst.writestr(item, data)
-    _user_error(tampered, match="pickled member|--trust-pickle")
+    _user_error(tampered, match="pickled member|--trust-code")
 
 
 @pytest.mark.parametrize(
