@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.lower import lower
 from edgecc.lower.schedules import CpuParams
-from edgecc.lower.schedules.conv2d import channel_tile, pixel_tile
+from edgecc.lower.schedules.conv2d import channel_tile, pixel_tile, register_tile
 from edgecc.report.compare import run_onnx
 from edgecc.targets import get_target
 
@@ -216,6 +216,10 @@ def test_tiles_follow_the_vector_width() -> None:
     assert channel_tile(3, 4, 3) == 3
     assert pixel_tile(56, 6) == 4 and pixel_tile(7, 12) == 7 and pixel_tile(13, 6) == 6
     assert CpuParams.of(get_target("rpi4")).lanes == 4
+    # (pixels, channels): 7 wide rows take 4 + a partial 3 on AVX2, all 7 with AVX-512
+    assert register_tile(7, 512, 8, 12, 3) == (4, 16)
+    assert register_tile(7, 512, 16, 24, 3) == (7, 32)
+    assert register_tile(56, 64, 8, 12, 3) == (4, 16)
 
 
 class _MobileBlock(torch.nn.Module):

@@ -77,13 +77,37 @@ def channel_tile(extent: int, lanes: int, max_vectors: int) -> int:
 
 
 def pixel_tile(extent: int, most: int) -> int:
-    """Output pixels per micro-kernel: a divisor of ``extent`` in ``[most/2, most]``, else
-    ``most`` (the last tile is partial), never more than ``extent``."""
+    """Output pixels per micro-kernel for a fixed channel tile: a divisor of ``extent`` in
+    ``[most/2, most]``, else ``most`` (the last tile is partial), never more than ``extent``."""
     most = max(1, min(most, extent))
     for mr in range(most, (most + 1) // 2 - 1, -1):
         if mr > 0 and extent % mr == 0:
             return mr
     return most
+
+
+def register_tile(ow: int, f: int, lanes: int, budget: int, max_vectors: int) -> tuple[int, int]:
+    """``(mr, nf)``: output pixels x output channels of the micro-kernel.
+
+    Among channel tiles ``nv * lanes`` dividing ``f`` (or :func:`channel_tile`'s choice when
+    none does) and pixel tiles ``mr`` with ``mr * nv <= budget``, the one with the most FMAs per
+    load (``mr * nv / (mr + nv)``) divided by the share of wasted pixels in a partial last tile
+    (``ceil(ow / mr) * mr / ow``; a partial tile also costs 10% for its bounds tests). Ties go to
+    the larger tile; the choice depends on the shape and params only (deterministic).
+    """
+    tiles = [nv * lanes for nv in range(max_vectors, 0, -1) if f % (nv * lanes) == 0]
+    tiles = tiles or [channel_tile(f, lanes, max_vectors)]
+    best: tuple[float, int, int, int] | None = None
+    for nf in tiles:
+        nv = -(-nf // lanes)
+        for mr in range(1, min(ow, max(1, budget // nv)) + 1):
+            waste = -(-ow // mr) * mr / ow
+            score = mr * nv / (mr + nv) / waste * (0.9 if ow % mr else 1.0)
+            key = (round(score, 6), mr * nv, nf, mr)
+            if best is None or key > best:
+                best = key
+    assert best is not None
+    return best[3], best[2]
 
 
 def find_conv_block(sch: Any) -> Any | None:
@@ -119,9 +143,8 @@ def schedule_conv(sch: Any, conv: Any, shape: ConvShape, params: CpuParams, dept
     """
     lanes = params.lanes
     budget = accumulator_budget(params)
-    nf = channel_tile(shape.f, lanes, max_vectors=min(4 if depthwise else 3, budget // 4))
-    nv = max(1, -(-nf // lanes))
-    mr = pixel_tile(shape.ow, max(1, budget // nv))
+    max_vectors = min(4 if depthwise else 3, budget // 4)
+    mr, nf = register_tile(shape.ow, shape.f, lanes, budget, max_vectors)
 
     producers = [b for b in sch.get_producers(conv) if sch.get(b).name_hint != "root"]
     epilogue = fuse_epilogue(sch, conv)
@@ -144,6 +167,7 @@ def schedule_conv(sch: Any, conv: Any, shape: ConvShape, params: CpuParams, dept
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, x_o, preserve_unit_loops=True)
         vectorize_innermost(sch, epilogue, lanes, skip=2)
+        sch.set_scope(conv, 0, "local")  # mr x nf accumulators: registers after unrolling
     init = sch.decompose_reduction(conv, ry)
     vectorize_innermost(sch, init, lanes, skip=2)
     for block in producers:
