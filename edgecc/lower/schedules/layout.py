@@ -32,7 +32,13 @@ def channels_last_pass() -> Any:
     import tvm
     from tvm import relax
 
-    convert = relax.transform.ConvertLayout(DESIRED_LAYOUTS)
+    convert = tvm.transform.Sequential(
+        [
+            relax.transform.FoldConstant(),
+            _clip_bounds_as_relax_ops(),
+            relax.transform.ConvertLayout(DESIRED_LAYOUTS),
+        ]
+    )
 
     @tvm.transform.module_pass(opt_level=0, name="EdgeccChannelsLast")
     def _channels_last(mod, _ctx):
@@ -46,6 +52,52 @@ def channels_last_pass() -> Any:
             return mod
 
     return _channels_last
+
+
+def _clip_bounds_as_relax_ops() -> Any:
+    """``call_tir(maximum|minimum, x, scalar const)`` -> ``relax.op.maximum|minimum``.
+
+    TVM's ONNX importer emits ``Clip`` (ReLU6) as TE kernels, which ``ConvertLayout`` cannot see
+    through: every clip would get a transpose on each side. As Relax ops with the bound shaped
+    ``(1,) * rank`` the layout propagates through them like any broadcasting elementwise op.
+    """
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    ops = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: ANN001, ANN202 - TVM's visitor signature
+            call = self.visit_expr_post_order(call)
+            if getattr(call.op, "name", "") != "relax.call_tir" or len(call.args) < 2:
+                return call
+            callee, args = call.args[0], call.args[1]
+            kind = callee.name_hint.rstrip("0123456789") if hasattr(callee, "name_hint") else ""
+            if kind not in ops or len(args.fields) != 2:
+                return call
+            x, bound = args.fields
+            if not isinstance(bound, tvm.ir.expr.Constant) or bound.value.numpy().ndim != 0:
+                return call
+            rank = len(x.ty.shape) if hasattr(x.ty, "shape") and x.ty.shape else 0
+            if rank != 4:
+                return call
+            value = bound.value.numpy().reshape((1,) * rank)
+            return ops[kind](x, relax.const(np.ascontiguousarray(value)))
+
+        def visit_expr_post_order(self, call):  # noqa: ANN001, ANN202
+            return super().visit_call_(call)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeccClipAsRelaxOps")
+    def _pass(mod, _ctx):
+        rewriter = _Rewrite(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mod[gvar] = rewriter.visit_expr(func)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
 
 
 def _has_conv2d(mod: Any) -> bool:
