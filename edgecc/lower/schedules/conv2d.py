@@ -9,13 +9,15 @@ residual add: whatever ``FuseOps`` fused).
 
 Schedule (``out[n, y, x, f] += pad[n, y*s+ry*d, x*s+rx*d, c] * w[ry, rx, c, f]``):
 
-* micro-kernel: ``mr`` output pixels of one row x ``nf`` output channels accumulated in a local
-  buffer that LLVM keeps in registers (``nf`` = ``nv * lanes`` with ``lanes`` from
-  :class:`CpuParams`; ``mr * nv`` <= the accumulator budget: 12 registers with 16 vector
-  registers (AVX2), 24 with 32 (AVX-512, NEON)); per input channel it loads ``nv`` weight
-  vectors, broadcasts ``mr`` inputs and issues ``mr * nv`` FMAs. ``mr`` is unrolled, ``nf``
-  unrolled by vector and vectorised; channel counts that are not a multiple of ``lanes`` take a
-  tile that divides them (LLVM splits an odd-width vector into full vectors plus a tail);
+* micro-kernel: ``mr`` output pixels of one row x ``nf`` output channels accumulated in a
+  ``local`` buffer that LLVM keeps in registers (``nf`` = ``nv * lanes`` with ``lanes`` from
+  :class:`CpuParams`); :func:`register_tile` picks ``(mr, nf)`` with ``mr * nv`` <= the
+  accumulator budget (12 registers with 16 vector registers (AVX2), 24 with 32 (AVX-512,
+  NEON)), maximising FMAs per load and penalising a partial last pixel tile. Per input channel
+  it loads ``nv`` weight vectors, broadcasts ``mr`` inputs and issues ``mr * nv`` FMAs. ``mr``
+  is unrolled, ``nf`` unrolled by vector and vectorised; channel counts that are not a multiple
+  of ``lanes`` take a tile that divides them (LLVM splits an odd-width vector into full vectors
+  plus a tail);
 * loops ``n, f_outer, y, x_outer | ry, rx, c | x_inner, f_inner``: the weights of one channel
   block (``KH*KW*C*nf`` floats) stay in L2 while every output pixel uses them; ``n, f_outer, y``
   are fused and parallel;
@@ -25,18 +27,17 @@ Schedule (``out[n, y, x, f] += pad[n, y*s+ry*d, x*s+rx*d, c] * w[ry, rx, c, f]``
   bounds checks).
 
 Declines (returns None): kernels without exactly one conv block, conv blocks that are not NHWC
-with 7 iterators (``SSSSRRR``), dynamic shapes, non-float outputs.
+with 7 iterators (``SSSSRRR``) (NCHW convs left by a failed layout conversion), dynamic shapes,
+non-float outputs. Not done: weights packed per channel block (``[F/nf, KH, KW, C, nf]``); with
+HWIO the ``nf`` weights of consecutive input channels are ``F`` floats apart.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from edgecc.lower.schedules import CpuParams, CpuRule, register_rule
-
-log = logging.getLogger(__name__)
 
 CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
 
