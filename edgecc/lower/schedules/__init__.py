@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Rule modules, imported on first use (each registers its rules). Listed here so the set of rules
 # is data: a new rule is a new file plus one entry.
-RULE_MODULES: tuple[str, ...] = ("reduction", "elementwise")
+RULE_MODULES: tuple[str, ...] = ("conv2d", "depthwise", "pooling", "reduction", "elementwise")
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,9 @@ def pre_legalize_passes(params: CpuParams) -> list:
     add the Relax rewrite here; constant weights are then re-laid out once, at compile time, by
     the ``FoldConstant`` that follows legalization.
     """
-    return []
+    from edgecc.lower.schedules.layout import channels_last_pass
+
+    return [channels_last_pass()]
 
 
 def post_schedule_passes(params: CpuParams) -> list:
