@@ -201,7 +201,7 @@ class ExpandRecurrent:
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         info: dict[str, Any] = {"expanded": [], "declined": []}
         if not any(n.op_type in RECURRENT_OPS for n in model.graph.node):
-            return PassResult(model, False, info)
+            return PassResult(model, False, info, reason="no LSTM, GRU or RNN node in the graph")
         index = GraphIndex(model)
         types = infer_types(model)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -226,7 +226,8 @@ class ExpandRecurrent:
                 {"node": node.name, "op": node.op_type, "steps": steps, "directions": dirs}
             )
         if not info["expanded"]:
-            return PassResult(model, False, info)
+            reasons = "; ".join(f"{d.get('node')}: {d.get('reason')}" for d in info["declined"])
+            return PassResult(model, False, info, reason=f"every recurrent node declined ({reasons})")
         copies = [onnx.NodeProto() for _ in new_nodes]
         for copy, node in zip(copies, new_nodes, strict=True):
             copy.CopyFrom(node)

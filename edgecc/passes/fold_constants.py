@@ -121,7 +121,7 @@ class FoldConstants:
             "declined": declined,
         }
         if not folded and not inlined:
-            return PassResult(model, False, info)
+            return PassResult(model, False, info, reason="no node with only constant inputs")
         self._rewrite(model, nodes, folded, values, inlined)
         if inlined:  # fold again with shapes inferred for the inlined tensors
             again = self(model, ctx)

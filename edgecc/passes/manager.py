@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 PASS_TAG = "edgecc.pass"
 # Passes that often have nothing to do (cleanup); their "no change" is logged at INFO, not WARNING.
-HOUSEKEEPING = frozenset({"fold-constants", "remove-identity", "eliminate-dead", "shape-inference"})
+HOUSEKEEPING = frozenset(
+    {"fold-constants", "expand-rnn", "remove-identity", "eliminate-dead", "shape-inference"}
+)
 
 
 @dataclass

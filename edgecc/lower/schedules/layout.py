@@ -36,6 +36,7 @@ def channels_last_pass() -> Any:
         [
             relax.transform.FoldConstant(),
             _clip_bounds_as_relax_ops(),
+            _per_tensor_qdq_as_relax_ops(),
             relax.transform.ConvertLayout(DESIRED_LAYOUTS),
         ]
     )
@@ -90,6 +91,75 @@ def _clip_bounds_as_relax_ops() -> Any:
             return super().visit_call_(call)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgeccClipAsRelaxOps")
+    def _pass(mod, _ctx):
+        rewriter = _Rewrite(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mod[gvar] = rewriter.visit_expr(func)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
+def _per_tensor_qdq_as_relax_ops() -> Any:
+    """Per-tensor ``relax.quantize`` / ``relax.dequantize`` -> the elementwise Relax ops they
+    legalize to.
+
+    ``ConvertLayout`` has no layout rule for quantize/dequantize, so in a QDQ graph every
+    activation Q/DQ pair sat between two transposes (int8 ResNet-style: 9 transpose kernels
+    instead of 2). With a scalar scale and zero point they are layout-agnostic elementwise maths,
+    written here exactly as TVM's legalization computes them (same operations, same order, so
+    the results are bit-identical):
+
+    * quantize: ``astype(min(max(round(x / s) + float(zp), qmin), qmax), dtype)``
+    * dequantize: ``astype(astype(q, int32) - int32(zp), float32) * s``
+
+    Per-channel (weight) Q/DQ keep their op: their axis is a layout fact, and on constant
+    weights they fold at compile time anyway.
+    """
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    def scalar(expr: Any) -> np.ndarray | None:
+        if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
+            return expr.value.numpy().reshape(())
+        return None
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: ANN001, ANN202 - TVM's visitor signature
+            call = super().visit_call_(call)
+            name = getattr(call.op, "name", "")
+            if name not in ("relax.quantize", "relax.dequantize") or len(call.args) != 3:
+                return call
+            x, scale, zero = call.args
+            s, z = scalar(scale), scalar(zero)
+            if s is None or z is None or s.dtype != np.float32:
+                return call
+            if name == "relax.quantize":
+                dtype = str(call.attrs.out_dtype)
+                if not dtype.startswith(("int", "uint")):
+                    return call
+                info = np.iinfo(dtype)
+                shifted = relax.op.add(
+                    relax.op.round(relax.op.divide(x, relax.const(s))),
+                    relax.const(z.astype(np.float32)),
+                )
+                bounded = relax.op.minimum(
+                    relax.op.maximum(shifted, relax.const(np.float32(info.min))),
+                    relax.const(np.float32(info.max)),
+                )
+                return relax.op.astype(bounded, dtype)
+            in_dtype = str(x.ty.dtype)
+            if str(call.attrs.out_dtype) != "float32" or not in_dtype.startswith(("int", "uint")):
+                return call
+            centred = relax.op.subtract(
+                relax.op.astype(x, "int32"), relax.const(z.astype(np.int32))
+            )
+            return relax.op.multiply(relax.op.astype(centred, "float32"), relax.const(s))
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeccQdqAsRelaxOps")
     def _pass(mod, _ctx):
         rewriter = _Rewrite(mod)
         for gvar, func in mod.functions_items():
