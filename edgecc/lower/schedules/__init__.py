@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Rule modules, imported on first use (each registers its rules). Listed here so the set of rules
 # is data: a new rule is a new file plus one entry.
-RULE_MODULES: tuple[str, ...] = ()
+RULE_MODULES: tuple[str, ...] = ("matmul",)
 
 
 @dataclass(frozen=True)
