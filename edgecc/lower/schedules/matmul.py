@@ -163,7 +163,56 @@ class Matmul(CpuRule):
             return None
 
         tiling = choose_tiling(m, n, self.params)
+        if n > 1 and self.pack_weights:
+            self._pack_constant_b(sch, main, func, kinds_of_iter, tiling)
         return self._schedule(sch, main, kinds_of_iter, tiling, consumers)
+
+    pack_weights = True
+
+    @staticmethod
+    def _pack_constant_b(sch: Any, main: Any, func: Any, kinds: list[str], t: Tiling) -> bool:
+        """Re-lay a constant B (a ``layout_free_buffers`` parameter) as ``[N / nb, K, nb]``,
+        ``nb = nr * v``: each register block then streams one contiguous panel. The copy is a
+        ``layout_rewrite_preproc`` block, split out of the kernel and folded into the constant
+        after scheduling (:func:`edgecc.lower.schedules.post_schedule_passes`)."""
+        from tvm import tirx
+
+        free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+        if not free:
+            return False
+        matched = _match_product(sch.get(main))
+        if matched is None:
+            return False
+        _, _, b = matched
+        params = [func.params[int(i)] for i in free]
+        if not any(b.source.same_as(p) for p in params):
+            return False
+        block = sch.get(main)
+        kind_of = {iv.var: k for iv, k in zip(block.iter_vars, kinds, strict=True)}
+        dims: dict[str, int] = {}
+        for pos, idx in enumerate(b.indices):
+            if isinstance(idx, tirx.IntImm):
+                continue
+            kind = kind_of.get(idx)
+            if kind not in ("K", "J") or kind in dims:
+                return False
+            dims[kind] = pos
+        if set(dims) != {"K", "J"}:
+            return False
+        read = next((i for i, r in enumerate(block.reads) if r.source.same_as(b.source)), None)
+        if read is None:
+            return False
+        nb = t.nr * t.v
+        k_dim, j_dim = dims["K"], dims["J"]
+
+        def packed(*axes: Any) -> list[Any]:
+            return [axes[j_dim] // nb, axes[k_dim], axes[j_dim] % nb]
+
+        index_map = tirx.IndexMap.from_func(packed, ndim=len(b.indices))
+        copy = sch.cache_read(main, read, "global")
+        sch.transform_layout(main, ("read", read), index_map)
+        sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
+        return True
 
     # --- analysis -----------------------------------------------------------------------------
 
