@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 
 # Rule modules, imported on first use (each registers its rules). Listed here so the set of rules
 # is data: a new rule is a new file plus one entry.
-RULE_MODULES: tuple[str, ...] = ("conv2d", "depthwise", "pooling", "reduction", "elementwise")
+RULE_MODULES: tuple[str, ...] = (
+    "conv2d",
+    "depthwise",
+    "pooling",
+    "matmul",
+    "reduction",
+    "elementwise",
+)
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,11 @@ def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
 
     @tvm.transform.module_pass(opt_level=0, name="EdgeccApplyCpuSchedules")
     def _apply(mod, _ctx):
+        from tvm import relax
+
+        # Mark kernel parameters bound to constants (weights) as ``layout_free_buffers``: rules
+        # may re-lay them out (see post_schedule_passes).
+        mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         updated = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
@@ -189,6 +201,10 @@ def pre_legalize_passes(params: CpuParams) -> list:
 
 
 def post_schedule_passes(params: CpuParams) -> list:
-    """Passes run right after the rules (e.g. splitting weight-layout pre-processing out of
-    kernels so it folds into constants)."""
-    return []
+    """Passes run right after the rules: weight-layout pre-processing blocks that rules put in
+    kernels (``meta_schedule.layout_rewrite_preproc``, e.g. the matmul rule's packed weights)
+    become functions of their own, which ``FoldConstant`` evaluates on the constant weights, so
+    weights are re-laid out once, at compile time."""
+    from tvm import relax
+
+    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
