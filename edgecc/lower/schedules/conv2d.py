@@ -28,8 +28,9 @@ Schedule (``out[n, y, x, f] += pad[n, y*s+ry*d, x*s+rx*d, c] * w[ry, rx, c, f]``
 
 Declines (returns None): kernels without exactly one conv block, conv blocks that are not NHWC
 with 7 iterators (``SSSSRRR``) (NCHW convs left by a failed layout conversion), dynamic shapes,
-non-float outputs. Not done: weights packed per channel block (``[F/nf, KH, KW, C, nf]``); with
-HWIO the ``nf`` weights of consecutive input channels are ``F`` floats apart.
+non-float outputs. Constant weights are packed per channel block (``[F/nf, KH, KW, C, nf]``, see
+:func:`pack_weights`) when ``nf`` divides ``F``; otherwise they stay HWIO (the ``nf`` weights of
+consecutive input channels are then ``F`` floats apart).
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def schedule_conv(sch: Any, conv: Any, shape: ConvShape, params: CpuParams, dept
     mr, nf = register_tile(shape.ow, shape.f, lanes, budget, max_vectors)
 
     producers = [b for b in sch.get_producers(conv) if sch.get(b).name_hint != "root"]
+    if not depthwise and shape.f % nf == 0:
+        pack_weights(sch, conv, nf)
     epilogue = fuse_epilogue(sch, conv)
 
     n, y, x, f, ry, rx, rc = sch.get_loops(conv)
@@ -173,6 +176,45 @@ def schedule_conv(sch: Any, conv: Any, shape: ConvShape, params: CpuParams, dept
     vectorize_innermost(sch, init, lanes, skip=2)
     for block in producers:
         schedule_elementwise(sch, block, lanes)
+
+
+def pack_weights(sch: Any, conv: Any, nf: int) -> bool:
+    """Re-lay constant HWIO weights as ``[F / nf, KH, KW, C, nf]`` at compile time.
+
+    With HWIO the ``nf`` weights the micro-kernel loads for consecutive input channels are ``F``
+    floats apart (a 512-channel 3x3 layer touches 4608 scattered lines per output tile); packed,
+    one channel block's weights are one contiguous stream. The copy is a
+    ``meta_schedule.layout_rewrite_preproc`` block that
+    :func:`edgecc.lower.schedules.post_schedule_passes` splits out of the kernel and folds into
+    the constant, so nothing is re-laid out at run time. Only weights that are kernel parameters
+    bound to constants (``layout_free_buffers``) are packed; returns whether it packed.
+    """
+    from tvm import tirx
+
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    if not free:
+        return False
+    buffers = [func.params[int(i)] for i in free]  # tirx: params are the buffers
+    block = sch.get(conv)
+    read = next(
+        (
+            i
+            for i, region in enumerate(block.reads)
+            if len(region.region) == 4 and any(region.source.same_as(b) for b in buffers)
+        ),
+        None,
+    )
+    if read is None:
+        return False
+
+    def packed(ry: Any, rx: Any, c: Any, f: Any) -> list[Any]:
+        return [f // nf, ry, rx, c, f % nf]
+
+    copy = sch.cache_read(conv, read, "global")
+    sch.transform_layout(conv, ("read", read), tirx.IndexMap.from_func(packed, ndim=4))
+    sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
+    return True
 
 
 def fuse_epilogue(sch: Any, anchor: Any) -> Any | None:
