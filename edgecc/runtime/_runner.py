@@ -12,15 +12,36 @@ arguments. After the run that writes the outputs, ``main`` runs ``W`` more times
 it adds one discarded call of its own). ``timings.json`` holds every sample and their median,
 quartiles and IQR in milliseconds, and the TVM runtime's thread count (TVM reads
 ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else uses the physical cores).
+
+Counting (optional): ``--count-runs N [--count-windows K]`` runs ``main`` N more times after the
+output run, K times over (default 1), with a marker call ``lseek(-1, MARK_OFFSET, 0)`` before the
+first window and after each (they fail with EBADF and do nothing). Under qemu with edgecc's
+instruction-counting plugin (:mod:`edgecc.runtime.instructions`) each marker records the guest
+instructions executed so far, so consecutive markers differ by N inferences' worth; without the
+plugin the markers are harmless.
+
+Facts (optional): ``--info info.json`` writes what the run used: ``threads`` (the TVM runtime's
+thread count), ``device`` and ``count_runs``.
 """
 
+import os
 import sys
 
 USAGE = (
     "usage: _runner.py library.so inputs.npz outputs.npz [cpu|cuda] "
-    "[--repeat N --warmup W --timings timings.json]"
+    "[--repeat N --warmup W --timings timings.json] [--count-runs N [--count-windows K]] "
+    "[--info info.json]"
 )
-OPTIONS = {"--repeat": int, "--warmup": int, "--timings": str}
+OPTIONS = {
+    "--repeat": int,
+    "--warmup": int,
+    "--timings": str,
+    "--count-runs": int,
+    "--count-windows": int,
+    "--info": str,
+}
+TIMING = ("repeat", "warmup", "timings")
+MARK_OFFSET = 0x656467656363  # "edgecc"; the plugin's MARK_OFFSET
 
 
 def _flatten(value, out):
@@ -41,17 +62,20 @@ def _parse(argv):
         if arg in OPTIONS:
             value = next(args, None)
             try:
-                options[arg[2:]] = OPTIONS[arg](value)
+                options[arg[2:].replace("-", "_")] = OPTIONS[arg](value)
             except (TypeError, ValueError):
                 sys.exit(f"{arg} needs a value; {USAGE}")
         else:
             positional.append(arg)
     if len(positional) not in (3, 4):
         sys.exit(USAGE)
-    if options and ("repeat" not in options or "timings" not in options):
+    timing = any(k in options for k in TIMING)
+    if timing and ("repeat" not in options or "timings" not in options):
         sys.exit(f"timing needs both --repeat and --timings; {USAGE}")
     if options.get("repeat", 1) < 1 or options.get("warmup", 0) < 0:
         sys.exit("--repeat must be >= 1 and --warmup >= 0")
+    if options.get("count_runs", 1) < 1 or options.get("count_windows", 1) < 1:
+        sys.exit("--count-runs and --count-windows must be >= 1")
     return positional, options
 
 
@@ -93,6 +117,23 @@ def _time(vm, device, device_kind, args, repeat, warmup):
     }
 
 
+def _mark():
+    """The marker call the counting plugin records (a failing lseek: no effect otherwise)."""
+    try:  # noqa: SIM105  (no contextlib: the runner imports only sys, os, numpy and tvm)
+        os.lseek(-1, MARK_OFFSET, 0)
+    except OSError:
+        pass
+
+
+def _count(vm, args, runs, windows):
+    """``windows`` windows of ``runs`` calls of ``main``, a marker before and after each."""
+    _mark()
+    for _ in range(windows):
+        for _ in range(runs):
+            vm["main"](*args)
+        _mark()
+
+
 def main(argv):
     (library, inputs_path, outputs_path, *rest), options = _parse(argv)
     device_kind = rest[0] if rest else "cpu"
@@ -110,10 +151,21 @@ def main(argv):
     result = vm["main"](*args)
     outputs = _flatten(result, [])
     np.savez(outputs_path, **{f"out{i}": array for i, array in enumerate(outputs)})
-    if options:
+    if "repeat" in options:
         timings = _time(vm, device, device_kind, args, options["repeat"], options.get("warmup", 0))
         with open(options["timings"], "w") as f:
             f.write(_to_json(timings) + "\n")
+    if "count_runs" in options:
+        _count(vm, args, options["count_runs"], options.get("count_windows", 1))
+    if "info" in options:
+        info = {
+            "threads": int(tvm.runtime.num_threads()),
+            "device": device_kind,
+            "count_runs": options.get("count_runs", 0),
+            "count_windows": options.get("count_windows", 0) if "count_runs" in options else 0,
+        }
+        with open(options["info"], "w") as f:
+            f.write(_to_json(info) + "\n")
 
 
 if __name__ == "__main__":
