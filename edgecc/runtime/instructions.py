@@ -3,7 +3,8 @@
 Time measured under qemu says nothing about a board, so for emulated packages edgecc counts the
 guest instructions one inference executes instead. qemu runs the runner with edgecc's TCG plugin
 (``qemu_insn_plugin.c``, built by :func:`edgecc.runtime.emulation.insn_plugin`), which adds up
-the instructions of every executed translation block. The runner runs ``main`` once (the output
+the instructions of every executed translation block; qemu emulates the target's CPU model where
+it has it (``-cpu cortex-a72`` for rpi4). The runner runs ``main`` once (the output
 run, which also warms up), then ``runs`` more times between two marker calls the plugin records
 (see :mod:`edgecc.runtime._runner`)::
 
@@ -44,6 +45,15 @@ PROXY_NOTE = (
 )
 # lseek's syscall number per guest architecture: the runner's marker call.
 LSEEK_SYSCALL = {"aarch64": 62}
+# CPU models qemu-aarch64 7.2 emulates (``qemu-aarch64 -cpu help``); others run as ``max``.
+QEMU_CPUS = ("cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1")
+
+
+def qemu_cpu(target: Target) -> str:
+    """The qemu CPU model for ``target``: its ``mcpu`` when qemu has it (rpi4: ``cortex-a72``,
+    so the guest sees the board's features, e.g. no SVE or dot product), else ``max``."""
+    mcpu = target.tvm_target.get("mcpu") if isinstance(target.tvm_target, dict) else None
+    return mcpu if mcpu in QEMU_CPUS else "max"
 
 
 def plugin_options(
@@ -110,9 +120,9 @@ def count_instructions(
     Returns:
         JSON-serialisable: ``instructions_per_inference`` (over all windows),
         ``window_instructions_per_inference`` (one value per window), ``runs``, ``windows``,
-        ``threads`` (what the TVM
-        runtime used), ``process_instructions`` (the whole process: start, import, all runs),
-        ``target``, ``emulated`` (true), ``outputs`` (number of output tensors) and ``note``
+        ``threads`` (what the TVM runtime used), ``process_instructions`` (the whole process:
+        start, import, all runs), ``target``, ``qemu_cpu`` (the emulated CPU model),
+        ``emulated`` (true), ``outputs`` (number of output tensors) and ``note``
         (:data:`PROXY_NOTE`).
 
     Raises:
@@ -131,7 +141,8 @@ def count_instructions(
     with tempfile.TemporaryDirectory(prefix="edgecc-count-") as tmp:
         work = Path(tmp)
         count_file, info_file = work / "count.txt", work / "info.json"
-        qemu = plugin_options(count_file, target.arch, atomic=threads != 1, progress=progress)
+        qemu = ["-cpu", qemu_cpu(target)]
+        qemu += plugin_options(count_file, target.arch, atomic=threads != 1, progress=progress)
         options = ["--count-runs", str(runs), "--count-windows", str(windows)]
         options += ["--info", str(info_file)]
         outputs = _call_runner(
@@ -148,6 +159,7 @@ def count_instructions(
         "threads": info["threads"],
         "process_instructions": total,
         "target": target.name,
+        "qemu_cpu": qemu_cpu(target),
         "emulated": True,
         "outputs": len(outputs),
         "note": PROXY_NOTE,
