@@ -25,7 +25,8 @@ with a range from the quartiles (q1/q3 .. q3/q1). Every output is checked agains
 
 Usage::
 
-    python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,minilm]
+    python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,
+        mobilenetv2,efficientnet_lite0,minilm]
         [--no-int8] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3] [--threads 2]
         [--json [PATH]] [--markdown docs/benchmark.md]
 """
@@ -60,7 +61,7 @@ from edgecc.report.compare import compare_outputs, ort_session  # noqa: E402
 from edgecc.runtime import run_library  # noqa: E402
 from edgecc.runtime.bench import benchmark_library  # noqa: E402
 from edgecc.targets import get_target  # noqa: E402
-from tests.models import BasicBlock, conv_bn, load_minilm, make_model, randomize_batchnorm  # noqa: E402
+from tests.models import load_minilm, make_model  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -68,42 +69,17 @@ WORK_DIR = ROOT / "build" / "benchmark"
 TARGET = "x86"
 CALIB_SAMPLES = 32
 MIN_SAMPLES_PER_ROUND = 3
-ALL_MODELS = ("resnetish", "mobilenetv2ish", "tiny_transformer", "resnet18", "minilm")
-INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18")
+ALL_MODELS = ("resnetish", "mobilenetv2ish", "tiny_transformer", "resnet18", "mobilenetv2",
+              "efficientnet_lite0", "minilm")
+INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18", "mobilenetv2", "efficientnet_lite0")
 MINILM_SEQ = 128
 
 Inputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 Libraries = dict[str, tuple[Path, dict[str, Any]]]  # engine name -> (library, tuning facts)
 
 
-class ResNet18(nn.Module):
-    """ResNet-18's layout (7x7/2 stem, max pool, 2+2+2+2 basic blocks, 64..512 wide, FC 1000)."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(*conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
-        blocks, cin = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width)]
-            cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 def build_model(name: str) -> tuple[nn.Module, Inputs]:
     """The eval-mode torch module and its example inputs (positional tuple or keyword dict)."""
-    if name == "resnet18":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = ResNet18()
-        randomize_batchnorm(model, 0)
-        gen = torch.Generator().manual_seed(0)
-        return model.eval(), (torch.randn(1, 3, 224, 224, generator=gen),)
     if name == "minilm":
         return load_minilm(seq_len=MINILM_SEQ)
     model = make_model(name)
@@ -379,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"CPU: {result['machine']['cpu']}, {args.threads} threads per engine")
         print(table(rows))
 
 
