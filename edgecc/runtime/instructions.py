@@ -103,6 +103,7 @@ def count_instructions(
     threads: int | None = 1,
     windows: int = 1,
     progress: Callable[[str], None] | None = None,
+    collect: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Executed guest instructions per inference of an emulated ``library`` (see the module doc).
 
@@ -116,6 +117,7 @@ def count_instructions(
         windows: count ``windows`` consecutive windows of ``runs`` inferences (>= 1); their
             spread shows how stable the count is.
         progress: called with one line per step (emulator or plugin preparation).
+        collect: when given, the output arrays of the first inference are appended to it.
 
     Returns:
         JSON-serialisable: ``instructions_per_inference`` (over all windows),
@@ -149,6 +151,8 @@ def count_instructions(
             Path(library), target, inputs, work, options, thread_env(threads), progress, qemu
         )
         total, marks = read_counts(count_file)
+        if collect is not None:
+            collect.extend(outputs)
         info = json.loads(info_file.read_text())
     per_window = per_inference(marks, runs, windows)
     return {

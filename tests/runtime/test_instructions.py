@@ -13,13 +13,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import helper
 
 import edgecc
 from edgecc.cli import main
 from edgecc.runtime import emulation
 from edgecc.runtime.instructions import PROXY_NOTE, plugin_options, read_counts
+from tests.models import onnx_model, tensor
 from tests.runtime.test_runtime import add_model
 
 # A loop of N iterations between two of the runner's markers; the loop body is fixed asm.
@@ -110,12 +113,26 @@ def test_plugin_counts_exactly(loop_program):
     assert per_n[1000] - 1000 * per_iteration < 50  # only the marker call's own instructions
 
 
+def matmul_onnx(path: Path) -> Path:
+    """y = relu(x @ w + b), 32x128 @ 128x64: ~0.3 M MACs, so an inference's instructions
+    (millions) dwarf the runner's per-call overhead (~20 k, which varies by a few %)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("Add", ["xw", "b"], ["z"]), helper.make_node("Relu", ["z"], ["y"])]
+    model = onnx_model(nodes, [tensor("x", [32, 128])], [tensor("y", [32, 64])],
+                       {"w": rng.standard_normal((128, 64)).astype(np.float32),
+                        "b": rng.standard_normal(64).astype(np.float32)})
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.mark.emulation
 @pytest.mark.slow
-def test_bench_counts_instructions_of_an_emulated_package(add_onnx, tmp_path, capsys):
+def test_bench_counts_instructions_of_an_emulated_package(tmp_path, capsys):
     if not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("needs aarch64-linux-gnu-gcc")
-    pkg = edgecc.compile(add_onnx, "rpi4", out=tmp_path / "pkg")
+    source = matmul_onnx(tmp_path / "mm.onnx")
+    pkg = edgecc.compile(source, "rpi4", out=tmp_path / "pkg")
     res = _cli_json(capsys, "--json", "bench", pkg.path)
     assert res["emulated"] is True and "ratio" not in res and "onnxruntime" not in res
     counts = res["edgecc"]
@@ -124,4 +141,6 @@ def test_bench_counts_instructions_of_an_emulated_package(add_onnx, tmp_path, ca
     assert abs(first - second) <= 0.01 * first  # stable between the two counting windows
     assert counts["threads"] == 1 and counts["runs"] * counts["windows"] == 10
     assert counts["process_instructions"] > 11 * counts["instructions_per_inference"]
+    assert counts["instructions_per_inference"] > 32 * 128 * 64  # at least one per MAC
+    assert counts["qemu_cpu"] == "cortex-a72"
     assert res["note"] == PROXY_NOTE and "proxy" in PROXY_NOTE
