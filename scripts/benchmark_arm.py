@@ -6,7 +6,9 @@ and the differing costs of instructions. Every count runs under ``qemu-aarch64 -
 (the Raspberry Pi 4's core, so no SVE or dot product) with edgecc's TCG plugin, 1 thread, and is
 the mean over ``--runs`` inferences after a first one (edgecc.runtime.instructions).
 
-For each model the torch module is exported to ONNX once, then:
+For each model the torch module is exported to ONNX once, then (when both edgecc builds are the
+same bytes, i.e. no rule matched any kernel, the count is taken once and ``identical_libraries``
+says so):
 
 ``edgecc``        ``edgecc.compile(source, "rpi4")``: default passes, schedule rules on;
 ``rules off``     the same package graph lowered with ``edgecc.lower.lower(schedules=False)``:
@@ -51,6 +53,7 @@ sys.path.insert(0, str(ROOT))  # tests/models.py holds the reference architectur
 import edgecc  # noqa: E402
 from edgecc.frontend import load_model  # noqa: E402
 from edgecc.lower import lower  # noqa: E402
+from edgecc.package import sha256_file  # noqa: E402
 from edgecc.report.compare import compare_outputs, run_onnx  # noqa: E402
 from edgecc.runtime import emulation, prepare_emulator  # noqa: E402
 from edgecc.runtime.instructions import (  # noqa: E402
@@ -167,13 +170,21 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "scheduled_kernels": pkg.manifest["library"].get("schedules", {}).get("counts", {}),
         "counts": {}, "cosine_vs_host_ort": {},
     }
-    libraries = {"edgecc": pkg.library, "rules off": off.path}
+    # Without any rule that matches (e.g. before the rules land) both builds are the same bytes:
+    # count once and say so.
+    row["identical_libraries"] = sha256_file(pkg.library) == sha256_file(off.path)
+    libraries = {"rules off": off.path}
+    if not row["identical_libraries"]:
+        libraries["edgecc"] = pkg.library
     for engine, library in libraries.items():
         log.info("%s: counting %s", name, engine)
         outputs: list[np.ndarray] = []
         row["counts"][engine] = count_instructions(library, target, feeds, runs=args.runs,
                                                    collect=outputs)
         row["cosine_vs_host_ort"][engine] = _cosine(outputs, expected)
+    if row["identical_libraries"]:
+        row["counts"]["edgecc"] = row["counts"]["rules off"]
+        row["cosine_vs_host_ort"]["edgecc"] = row["cosine_vs_host_ort"]["rules off"]
     if args.peer:
         log.info("%s: counting onnxruntime (aarch64)", name)
         try:
@@ -248,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = "python scripts/benchmark_arm.py " + shlex.join(sys.argv[1:] if argv is None
                                                               else argv)
-    rows, errors = [], {}
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    result = {"command": command.strip(), "machine": machine(), "note": PROXY_NOTE,
+              "settings": {"runs": args.runs, "threads": 1, "target": TARGET},
+              "rows": rows, "errors": errors}
     for name in args.models.split(","):
         try:
             rows.append(bench_model(name, args))
@@ -257,9 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as err:  # noqa: BLE001 (one failing model must not lose the others)
             log.exception("%s failed", name)
             errors[name] = f"{type(err).__name__}: {err}"
-    result = {"command": command.strip(), "machine": machine(), "note": PROXY_NOTE,
-              "settings": {"runs": args.runs, "threads": 1, "target": TARGET},
-              "rows": rows, "errors": errors}
+        if args.json and args.json != "-":  # keep what is measured so far
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     text = (f"host CPU: {result['machine']['host_cpu']}; emulated: "
             f"{result['machine']['emulated_cpu']} ({result['machine']['qemu']}); 1 thread; "
             f"instructions per inference, mean of {args.runs} after a first\n"
