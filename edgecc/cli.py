@@ -284,19 +284,10 @@ def bench_cmd(package: Path, repeat: int, warmup: int, threads: int | None) -> N
     from edgecc.package import Package
 
     res = Package(package).benchmark(repeat, warmup, threads)
-    if res.get("emulated"):
-        c = res["edgecc"]
-        low, high = (
-            min(c["window_instructions_per_inference"]),
-            max(c["window_instructions_per_inference"]),
-        )
-        _emit(
-            res,
-            f"edgecc/TVM {c['instructions_per_inference']:,.0f} instructions per inference "
-            f"({c['target']} under qemu, {c['threads']} thread(s), mean of "
-            f"{c['runs'] * c['windows']} inferences after a first; windows of {c['runs']} "
-            f"within {100 * (high - low) / max(low, 1):.2f}%)\n{res['note']}",
-        )
+    if res.get("emulated"):  # instruction counts, not times (edgecc.runtime.instructions)
+        from edgecc.runtime.instructions import summary_text
+
+        _emit(res, summary_text(res["edgecc"]))
         return
     threads = res["threads"]
     e, o = res["edgecc"], res["onnxruntime"]

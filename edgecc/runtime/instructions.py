@@ -37,7 +37,7 @@ from edgecc.errors import EdgeccError, UserInputError
 from edgecc.runtime import _call_runner, is_emulated, thread_env
 from edgecc.targets import Target
 
-__all__ = ["PROXY_NOTE", "count_instructions", "plugin_options", "read_counts"]
+__all__ = ["PROXY_NOTE", "count_instructions", "plugin_options", "read_counts", "summary_text"]
 
 PROXY_NOTE = (
     "instruction counts are a proxy: executed aarch64 instructions under qemu, not a board "
@@ -168,3 +168,15 @@ def count_instructions(
         "outputs": len(outputs),
         "note": PROXY_NOTE,
     }
+
+
+def summary_text(counts: dict[str, Any]) -> str:
+    """Two lines for a person: the count of :func:`count_instructions` and the proxy note."""
+    windows = counts["window_instructions_per_inference"]
+    spread = 100 * (max(windows) - min(windows)) / max(min(windows), 1)
+    return (
+        f"edgecc/TVM {counts['instructions_per_inference']:,.0f} instructions per inference "
+        f"({counts['target']} under qemu -cpu {counts['qemu_cpu']}, {counts['threads']} "
+        f"thread(s), mean of {counts['runs'] * counts['windows']} inferences after a first; "
+        f"{counts['windows']} windows of {counts['runs']} within {spread:.2f}%)\n{counts['note']}"
+    )

@@ -21,7 +21,7 @@ from onnx import helper
 import edgecc
 from edgecc.cli import main
 from edgecc.runtime import emulation
-from edgecc.runtime.instructions import PROXY_NOTE, plugin_options, read_counts
+from edgecc.runtime.instructions import PROXY_NOTE, plugin_options, read_counts, summary_text
 from tests.models import onnx_model, tensor
 from tests.runtime.test_runtime import add_model
 
@@ -144,3 +144,13 @@ def test_bench_counts_instructions_of_an_emulated_package(tmp_path, capsys):
     assert counts["instructions_per_inference"] > 32 * 128 * 64  # at least one per MAC
     assert counts["qemu_cpu"] == "cortex-a72"
     assert res["note"] == PROXY_NOTE and "proxy" in PROXY_NOTE
+
+
+def test_summary_states_the_count_and_that_it_is_a_proxy():
+    counts = {"instructions_per_inference": 2_000_500.0, "window_instructions_per_inference":
+              [2_000_000.0, 2_001_000.0], "target": "rpi4", "qemu_cpu": "cortex-a72",
+              "threads": 1, "runs": 5, "windows": 2, "note": PROXY_NOTE}
+    first, second = summary_text(counts).splitlines()
+    assert first.startswith("edgecc/TVM 2,000,500 instructions per inference (rpi4 under qemu")
+    assert "mean of 10 inferences after a first" in first and "within 0.05%" in first
+    assert second == PROXY_NOTE
