@@ -141,7 +141,8 @@ def count_ort(source: Path, feeds: dict[str, np.ndarray], runs: int, work: Path,
     total, marks = read_counts(count_file)
     with np.load(outputs) as data:
         arrays = [data[f"out{i}"] for i in range(len(data.files))]
-    version = next(p.name.split("-")[1] for p in files["site"].glob("onnxruntime-*.dist-info"))
+    version = next(p.name.removesuffix(".dist-info").split("-")[1]
+                   for p in files["site"].glob("onnxruntime-*.dist-info"))
     return ({"instructions_per_inference": per_inference(marks, runs)[0], "runs": runs,
              "threads": threads, "process_instructions": total, "qemu_cpu": cpu,
              "onnxruntime": version}, arrays)
