@@ -355,12 +355,16 @@ def _check_writable_dir(path: Path, option: str) -> None:
     default=None,
     help="With --check: also exit 4 when the cosine vs the source model's output is below this.",
 )
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="TVM threads [default: cores]."
+)
 def run_cmd(
     package: Path,
     input_path: Path | None,
     output_path: Path | None,
     check: bool,
     min_cosine: float | None,
+    threads: int | None,
 ) -> None:
     """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation)."""
     import numpy as np
@@ -372,7 +376,8 @@ def run_cmd(
     pkg = Package(package)
     inputs = read_arrays(input_path) if input_path else None
     feeds = pkg.prepare_inputs(inputs) if inputs is not None else pkg.probe_inputs()
-    outputs = pkg.run(feeds, progress=_progress)
+    facts: dict[str, Any] = {}
+    outputs = pkg.run(feeds, progress=_progress, threads=threads, facts=facts)
     if output_path:
         tmp = output_path.with_name(output_path.name + ".tmp.npz")
         try:
@@ -385,7 +390,8 @@ def run_cmd(
                 raise
             raise UserInputError(f"cannot write {output_path}: {err.strerror or err}") from err
     data: dict[str, Any] = {
-        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()}
+        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
+        "threads": facts.get("threads"),
     }
     lines = [
         f"{k}: {v.dtype}{list(v.shape)} mean {float(np.mean(v)):.6g}" for k, v in outputs.items()
@@ -441,12 +447,25 @@ def _check_lines(res: dict[str, Any], warn_below: float) -> list[str]:
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--repeat", type=int, default=50, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
-@click.option("--threads", type=int, default=2, show_default=True, help="Threads for both.")
-def bench_cmd(package: Path, repeat: int, warmup: int, threads: int) -> None:
-    """Time a PACKAGE against ONNX Runtime on its own graph, in the same run (a ratio)."""
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for both [default: the target's cores; 1 for instruction counts].",
+)
+def bench_cmd(package: Path, repeat: int, warmup: int, threads: int | None) -> None:
+    """Time a PACKAGE against ONNX Runtime on its own graph, in the same run (a ratio).
+
+    Emulated (aarch64) packages: executed instructions per inference under qemu instead."""
     from edgecc.package import Package
 
     res = Package(package).benchmark(repeat, warmup, threads)
+    if res.get("emulated"):  # instruction counts, not times (edgecc.runtime.instructions)
+        from edgecc.runtime.instructions import summary_text
+
+        _emit(res, summary_text(res["edgecc"]))
+        return
+    threads = res["threads"]
     e, o = res["edgecc"], res["onnxruntime"]
     text = (
         f"edgecc/TVM {e['median_ms']:.3f} ms (IQR {e['q1_ms']:.3f}-{e['q3_ms']:.3f}), "

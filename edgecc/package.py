@@ -349,29 +349,68 @@ class Package:
         return out
 
     def run(
-        self, inputs: Mapping[str, np.ndarray] | None = None, progress: Any = None
+        self,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        progress: Any = None,
+        threads: int | None = None,
+        facts: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the library on ``inputs`` (default: the probe inputs); returns outputs by name.
 
         x86 packages run natively; aarch64 CPU packages run under qemu-user emulation.
+        ``threads``: TVM runtime threads (default: the target's ``cores``); ``facts``, when
+        given, receives what the runner used (``threads``).
         """
         from edgecc.runtime import run_library
 
         self.verify_library()
         feeds = self.prepare_inputs(self.probe_inputs() if inputs is None else inputs)
-        return run_library(self.library, self.target(), feeds, self.output_names, progress=progress)
+        target = self.target()
+        return run_library(
+            self.library,
+            target,
+            feeds,
+            self.output_names,
+            progress=progress,
+            threads=threads or target.cores,
+            facts=facts,
+        )
 
-    def benchmark(self, repeat: int = 50, warmup: int = 5, threads: int = 2) -> dict[str, Any]:
+    def benchmark(
+        self, repeat: int = 50, warmup: int = 5, threads: int | None = None
+    ) -> dict[str, Any]:
         """Time the library and ONNX Runtime (default optimisations) on ``model.onnx`` in the
-        same run, on the probe input; the result's ``ratio`` is edgecc's median over ORT's, or
-        None when the library ran under emulation (its time says nothing about the board)."""
+        same run, on the probe input; the result's ``ratio`` is edgecc's median over ORT's.
+
+        ``threads`` (both engines) defaults to the target's ``cores``. Emulated packages
+        (aarch64 on this x86 host) are not timed: the result holds the executed instructions
+        per inference instead (:func:`edgecc.runtime.instructions.count_instructions`: the mean
+        of 10 inferences after a first, counted as two windows of 5 whose spread shows the
+        count's stability; 1 thread unless ``threads`` is given), ``emulated: true`` and no
+        ratio.
+        """
         import onnx
 
         from edgecc.report.compare import time_onnx
+        from edgecc.runtime import is_emulated
         from edgecc.runtime.bench import benchmark_library
 
         self.verify_library()
         feeds = self.probe_inputs()
+        if is_emulated(self.target()):
+            from edgecc.runtime.instructions import count_instructions
+
+            counts = count_instructions(
+                self.library, self.target(), feeds, runs=5, windows=2, threads=threads or 1
+            )
+            return {
+                "edgecc": counts,
+                "emulated": True,
+                "threads": counts["threads"],
+                "instructions_per_inference": counts["instructions_per_inference"],
+                "note": counts["note"],
+            }
+        threads = threads or self.target().cores
         tvm = benchmark_library(self.library, self.target(), feeds, repeat, warmup, threads)
         ort = time_onnx(onnx.load(str(self.path / ONNX_MODEL)), feeds, repeat, warmup, threads)
         return {

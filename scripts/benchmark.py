@@ -25,7 +25,8 @@ with a range from the quartiles (q1/q3 .. q3/q1). Every output is checked agains
 
 Usage::
 
-    python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,minilm]
+    python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,
+        mobilenetv2,efficientnet_lite0,minilm]
         [--no-int8] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3] [--threads 2]
         [--json [PATH]] [--markdown docs/benchmark.md]
 """
@@ -60,7 +61,7 @@ from edgecc.report.compare import compare_outputs, ort_session  # noqa: E402
 from edgecc.runtime import run_library  # noqa: E402
 from edgecc.runtime.bench import benchmark_library  # noqa: E402
 from edgecc.targets import get_target  # noqa: E402
-from tests.models import BasicBlock, conv_bn, load_minilm, make_model, randomize_batchnorm  # noqa: E402
+from tests.models import load_minilm, make_model  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -68,43 +69,17 @@ WORK_DIR = ROOT / "build" / "benchmark"
 TARGET = "x86"
 CALIB_SAMPLES = 32
 MIN_SAMPLES_PER_ROUND = 3
-ALL_MODELS = ("resnetish", "mobilenetv2ish", "tiny_transformer", "resnet18", "minilm")
-INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18")
+ALL_MODELS = ("resnetish", "mobilenetv2ish", "tiny_transformer", "resnet18", "mobilenetv2",
+              "efficientnet_lite0", "minilm")
+INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18", "mobilenetv2", "efficientnet_lite0")
 MINILM_SEQ = 128
 
 Inputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 Libraries = dict[str, tuple[Path, dict[str, Any]]]  # engine name -> (library, tuning facts)
 
 
-class ResNet18(nn.Module):
-    """ResNet-18's layout (7x7/2 stem, max pool, 2+2+2+2 basic blocks, 64..512 wide, FC 1000)."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(
-            *conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-        )
-        blocks, cin = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width)]
-            cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 def build_model(name: str) -> tuple[nn.Module, Inputs]:
     """The eval-mode torch module and its example inputs (positional tuple or keyword dict)."""
-    if name == "resnet18":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = ResNet18()
-        randomize_batchnorm(model, 0)
-        gen = torch.Generator().manual_seed(0)
-        return model.eval(), (torch.randn(1, 3, 224, 224, generator=gen),)
     if name == "minilm":
         return load_minilm(seq_len=MINILM_SEQ)
     model = make_model(name)
@@ -134,9 +109,8 @@ def timed_calls(call: Callable[[], Any], n: int, warmup: int) -> list[float]:
 
 def in_process_engine(name: str, call: Callable[[], Any]) -> Engine:
     """An engine timed here with perf_counter (ORT, torch); its estimate from two warm calls."""
-    return Engine(
-        name, lambda n, warmup: timed_calls(call, n, warmup), min(timed_calls(call, 2, 1))
-    )
+    return Engine(name, lambda n, warmup: timed_calls(call, n, warmup),
+                  min(timed_calls(call, 2, 1)))
 
 
 def library_engine(name: str, library: Path, feeds: dict[str, np.ndarray], threads: int) -> Engine:
@@ -144,9 +118,8 @@ def library_engine(name: str, library: Path, feeds: dict[str, np.ndarray], threa
     target = get_target(TARGET)
 
     def measure(n: int, warmup: int) -> list[float]:
-        return benchmark_library(library, target, feeds, repeat=n, warmup=warmup, threads=threads)[
-            "times_ms"
-        ]
+        return benchmark_library(library, target, feeds, repeat=n, warmup=warmup,
+                                 threads=threads)["times_ms"]
 
     return Engine(name, measure, measure(1, 1)[0])
 
@@ -166,11 +139,8 @@ def summary(times: list[float]) -> dict[str, Any]:
 
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     """Median ratio a/b with the range from the quartiles (q1a/q3b .. q3a/q1b)."""
-    return {
-        "ratio": a["median_ms"] / b["median_ms"],
-        "low": a["q1_ms"] / b["q3_ms"],
-        "high": a["q3_ms"] / b["q1_ms"],
-    }
+    return {"ratio": a["median_ms"] / b["median_ms"], "low": a["q1_ms"] / b["q3_ms"],
+            "high": a["q3_ms"] / b["q1_ms"]}
 
 
 def measure(engines: list[Engine], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -191,14 +161,9 @@ def compile_variants(name: str, source: Path, work: Path, int8: bool) -> dict[st
     target = get_target(TARGET)
     packages = {"fp32": edgecc.compile(source, TARGET, out=work / "fp32")}
     if int8:
-        packages["int8"] = edgecc.compile(
-            source,
-            TARGET,
-            out=work / "int8",
-            passes=f"{target.default_passes},qdq",
-            calib="random",
-            calib_samples=CALIB_SAMPLES,
-        )
+        packages["int8"] = edgecc.compile(source, TARGET, out=work / "int8",
+                                          passes=f"{target.default_passes},qdq", calib="random",
+                                          calib_samples=CALIB_SAMPLES)
     for variant, pkg in packages.items():
         log.info("%s %s: compiled in %.1f s", name, variant, pkg.report["compile_seconds"])
     return packages
@@ -212,15 +177,8 @@ def tuned_library(pkg: Any, work: Path, trials: int) -> tuple[Path, dict[str, An
     shapes = {i["name"]: tuple(i["shape"]) for i in pkg.manifest["inputs"]}
     dtypes = {i["name"]: i["dtype"] for i in pkg.manifest["inputs"]}
     shutil.rmtree(work / "tuning", ignore_errors=True)  # records of earlier runs would add trials
-    lib = lower_tuned(
-        model,
-        get_target(TARGET),
-        shapes,
-        dtypes,
-        work / "tuned.so",
-        trials_per_task=trials,
-        work_dir=work / "tuning",
-    )
+    lib = lower_tuned(model, get_target(TARGET), shapes, dtypes, work / "tuned.so",
+                      trials_per_task=trials, work_dir=work / "tuning")
     return lib.path, {**lib.details["tuning"], "compile_seconds": round(lib.compile_seconds, 1)}
 
 
@@ -243,72 +201,50 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         graph = loaded.model if variant == "fp32" else onnx.load(str(pkg.path / "model.onnx"))
         libraries: Libraries = {"edgecc": (pkg.library, {})}
         for trials in args.tune_trials:
-            libraries[f"tuned x{trials}"] = tuned_library(
-                pkg, work / f"{variant}-tuned{trials}", trials
-            )
+            libraries[f"tuned x{trials}"] = tuned_library(pkg, work / f"{variant}-tuned{trials}",
+                                                         trials)
         rows += time_variant(name, variant, pkg, libraries, graph, torch_engine, feeds, args)
     return rows
 
 
-def time_variant(
-    model: str,
-    variant: str,
-    pkg: Any,
-    libraries: Libraries,
-    graph: onnx.ModelProto,
-    torch_engine: Engine,
-    feeds: dict[str, np.ndarray],
-    args: argparse.Namespace,
-) -> list[dict[str, Any]]:
+def time_variant(model: str, variant: str, pkg: Any, libraries: Libraries,
+                 graph: onnx.ModelProto, torch_engine: Engine, feeds: dict[str, np.ndarray],
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time ``libraries`` against ORT on ``graph`` and torch; one row per library."""
     session = ort_session(graph, args.threads, optimise=True)
-    expected = dict(
-        zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True)
-    )
-    engines = [
-        library_engine(engine, path, feeds, args.threads) for engine, (path, _) in libraries.items()
-    ]
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds),
+                        strict=True))
+    engines = [library_engine(engine, path, feeds, args.threads)
+               for engine, (path, _) in libraries.items()]
     engines += [in_process_engine("ort", lambda: session.run(None, feeds)), torch_engine]
     log.info("%s %s: timing %s", model, variant, ", ".join(e.name for e in engines))
     stats = measure(engines, args)
     rows = []
     for engine, (path, tuning) in libraries.items():
         outputs = run_library(path, pkg.target(), feeds, pkg.output_names)
-        rows.append(
-            {
-                "model": model,
-                "variant": variant if engine == "edgecc" else f"{variant} {engine}",
-                "inputs": {k: list(v.shape) for k, v in feeds.items()},
-                "passes": pkg.manifest["pipeline"],
-                "vs_ort": ratio(stats[engine], stats["ort"]),
-                "vs_torch": ratio(stats[engine], stats["torch"]),
-                "ort_vs_torch": ratio(stats["ort"], stats["torch"]),
-                "check_vs_ort": compare_outputs(outputs, expected),
-                "times": {"edgecc": stats[engine], "ort": stats["ort"], "torch": stats["torch"]},
-                "build_seconds": tuning.get(
-                    "compile_seconds", round(pkg.report["compile_seconds"], 1)
-                ),
-                "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
-                **({"tuning": tuning} if tuning else {}),
-            }
-        )
+        rows.append({
+            "model": model, "variant": variant if engine == "edgecc" else f"{variant} {engine}",
+            "inputs": {k: list(v.shape) for k, v in feeds.items()},
+            "passes": pkg.manifest["pipeline"],
+            "vs_ort": ratio(stats[engine], stats["ort"]),
+            "vs_torch": ratio(stats[engine], stats["torch"]),
+            "ort_vs_torch": ratio(stats["ort"], stats["torch"]),
+            "check_vs_ort": compare_outputs(outputs, expected),
+            "times": {"edgecc": stats[engine], "ort": stats["ort"], "torch": stats["torch"]},
+            "build_seconds": tuning.get("compile_seconds",
+                                        round(pkg.report["compile_seconds"], 1)),
+            "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
+            **({"tuning": tuning} if tuning else {}),
+        })
     return rows
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "loadavg_1min": round(os.getloadavg()[0], 2),
-    }
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
 def versions() -> dict[str, str]:
@@ -324,18 +260,13 @@ def fmt(r: dict[str, float]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | input | variant | edgecc / ORT | edgecc / torch | ORT / torch "
-        "| cosine vs ORT | build s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| model | input | variant | edgecc / ORT | edgecc / torch | ORT / torch "
+             "| cosine vs ORT | build s |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shapes = ", ".join("x".join(map(str, s)) for s in row["inputs"].values())
-        lines.append(
-            f"| {row['model']} | {shapes} | {row['variant']} | {fmt(row['vs_ort'])} | "
-            f"{fmt(row['vs_torch'])} | {fmt(row['ort_vs_torch'])} | "
-            f"{row['check_vs_ort']['cosine']:.6f} | {row['build_seconds']:.0f} |"
-        )
+        lines.append(f"| {row['model']} | {shapes} | {row['variant']} | {fmt(row['vs_ort'])} | "
+                     f"{fmt(row['vs_torch'])} | {fmt(row['ort_vs_torch'])} | "
+                     f"{row['check_vs_ort']['cosine']:.6f} | {row['build_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -373,36 +304,20 @@ it, per row in the JSON): ratios carry over, absolute times do not.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--models",
-        default=",".join(ALL_MODELS),
-        help=f"comma-separated, from {', '.join(ALL_MODELS)}",
-    )
+    p.add_argument("--models", default=",".join(ALL_MODELS),
+                   help=f"comma-separated, from {', '.join(ALL_MODELS)}")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
-    p.add_argument(
-        "--tune-trials",
-        type=lambda text: [int(t) for t in text.split(",")],
-        default=[],
-        metavar="N[,M...]",
-        help="also time MetaSchedule-tuned libraries (measured trials per kernel)",
-    )
+    p.add_argument("--tune-trials", type=lambda text: [int(t) for t in text.split(",")],
+                   default=[], metavar="N[,M...]",
+                   help="also time MetaSchedule-tuned libraries (measured trials per kernel)")
     p.add_argument("--repeat", type=int, default=30, help="max samples per engine (all rounds)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all engines")
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=3.0,
-        help="seconds per engine and round that bound the sample count",
-    )
+    p.add_argument("--budget", type=float, default=3.0,
+                   help="seconds per engine and round that bound the sample count")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
-    p.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="write the JSON result to PATH (stdout without PATH) instead of the table",
-    )
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the JSON result to PATH (stdout without PATH) instead of the table")
     p.add_argument("--markdown", type=Path, help="write the table and the command here")
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(ALL_MODELS)
@@ -428,16 +343,10 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException as err:  # noqa: BLE001 (load_minilm skips with pytest's exception)
             log.exception("%s failed", name)
             errors[name] = f"{type(err).__name__}: {err}"
-    result = {
-        "command": command.strip(),
-        "machine": machine(),
-        "loadavg_before": load_before,
-        "loadavg_after": round(os.getloadavg()[0], 2),
-        "versions": versions(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
-        "rows": rows,
-        "errors": errors,
-    }
+    result = {"command": command.strip(), "machine": machine(), "loadavg_before": load_before,
+              "loadavg_after": round(os.getloadavg()[0], 2), "versions": versions(),
+              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+              "rows": rows, "errors": errors}
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(result))
@@ -446,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"CPU: {result['machine']['cpu']}, {args.threads} threads per engine")
         print(table(rows))
 
 

@@ -10,6 +10,8 @@ demo=1
 need_apt=()
 command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
+# The host C compiler builds edgecc's qemu instruction-counting plugin (edgecc bench on rpi4).
+command -v gcc >/dev/null || need_apt+=(gcc)
 # Fashion-MNIST, for the accuracy measurements and tests (no downloads at run time).
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -24,6 +26,8 @@ echo "setup: installing Python packages (torch 2.13.0 CPU, TVM 0.27, ONNX toolin
 # torch first with its exact pin: a looser requirement would pull a multi-GB CUDA build.
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
 $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "setup: building the qemu instruction-counting plugin (cached in ${EDGECC_CACHE:-$HOME/.cache/edgecc})"
+$PY -c "from edgecc.runtime.emulation import insn_plugin; print(insn_plugin())"
 
 if [ $demo = 1 ]; then
   echo "setup: preparing the aarch64 emulator (cached in ${EDGECC_CACHE:-$HOME/.cache/edgecc})"

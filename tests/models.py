@@ -92,15 +92,19 @@ class ResNetish(ExampleModel):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (groups == channels), 1x1 linear project."""
+    """MobileNetV2 block (EfficientNet-Lite's MBConv without squeeze-excite): 1x1 expand,
+    ``kernel`` x ``kernel`` depthwise (groups == channels), ReLU6, 1x1 linear project."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int = 3):
         super().__init__()
         hidden = cin * expand
         layers: list[nn.Module] = []
         if expand != 1:
             layers += [*conv_bn(cin, hidden, 1), nn.ReLU6(inplace=True)]
-        layers += [*conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True)]
+        layers += [
+            *conv_bn(hidden, hidden, kernel, stride, groups=hidden),
+            nn.ReLU6(inplace=True),
+        ]
         layers += conv_bn(hidden, cout, 1)
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
@@ -204,11 +208,93 @@ class FashionCNN(ExampleModel):
         return self.classifier(self.features(x))
 
 
+class ResNet18(ExampleModel):
+    """ResNet-18's layout (7x7/2 stem, max pool, 2+2+2+2 basic blocks, 64..512 wide, FC 1000)."""
+
+    example_shape = (1, 3, 224, 224)
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(
+            *conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        )
+        blocks, cin = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width)]
+            cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _MBNet(ExampleModel):
+    """Stem conv 3x3/2 -> stages of inverted residuals -> 1x1 head conv -> GAP -> FC.
+
+    ``stages`` rows are (expand, kernel, stride of the first block, channels, repeats).
+    """
+
+    example_shape = (1, 3, 224, 224)
+    stages: tuple[tuple[int, int, int, int, int], ...] = ()
+
+    def __init__(self, num_classes: int = 1000, stem: int = 32, head: int = 1280):
+        super().__init__()
+        layers: list[nn.Module] = [*conv_bn(3, stem, 3, 2), nn.ReLU6(inplace=True)]
+        cin = stem
+        for expand, kernel, stride, cout, repeats in self.stages:
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand, kernel))
+                cin = cout
+        layers += [*conv_bn(cin, head, 1), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class MobileNetV2(_MBNet):
+    """MobileNetV2, width 1.0, 224x224 (Sandler et al. 2018, table 2): 3.5 M params, 0.3 GMAC."""
+
+    stages = (
+        (1, 3, 1, 16, 1),
+        (6, 3, 2, 24, 2),
+        (6, 3, 2, 32, 3),
+        (6, 3, 2, 64, 4),
+        (6, 3, 1, 96, 3),
+        (6, 3, 2, 160, 3),
+        (6, 3, 1, 320, 1),
+    )
+
+
+class EfficientNetLite0(_MBNet):
+    """EfficientNet-Lite0-style: EfficientNet-B0's MBConv stages (3x3 and 5x5 depthwise) with
+    Lite's changes (ReLU6, no squeeze-excite, 32-channel stem, 1280 head), 224x224: 4.7 M params."""
+
+    stages = (
+        (1, 3, 1, 16, 1),
+        (6, 3, 2, 24, 2),
+        (6, 5, 2, 40, 2),
+        (6, 3, 2, 80, 3),
+        (6, 5, 1, 112, 3),
+        (6, 5, 2, 192, 4),
+        (6, 3, 1, 320, 1),
+    )
+
+
 MODELS: dict[str, type[ExampleModel]] = {
     "resnetish": ResNetish,
     "mobilenetv2ish": MobileNetV2ish,
     "tiny_transformer": TinyTransformer,
     "fashion_cnn": FashionCNN,
+}
+# Full-size reference architectures (224x224): for the benchmarks, too slow for most tests.
+IMAGENET_MODELS: dict[str, type[ExampleModel]] = {
+    "resnet18": ResNet18,
+    "mobilenetv2": MobileNetV2,
+    "efficientnet_lite0": EfficientNetLite0,
 }
 
 
@@ -227,13 +313,14 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
 
 
 def make_model(name: str, seed: int = 0, **kwargs: object) -> ExampleModel:
-    """Build ``MODELS[name]`` with seeded init and randomised BatchNorm, in eval mode.
+    """Build ``MODELS[name]`` (or ``IMAGENET_MODELS[name]``) with seeded init and randomised
+    BatchNorm, in eval mode.
 
     The global torch RNG is left as it was.
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = MODELS[name](**kwargs)
+        model = {**MODELS, **IMAGENET_MODELS}[name](**kwargs)
     randomize_batchnorm(model, seed)
     return model.eval()
 

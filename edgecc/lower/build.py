@@ -75,6 +75,7 @@ def lower(
     input_dtypes: dict[str, str],
     out_path: Path,
     progress: Progress = None,
+    schedules: bool | None = None,
 ) -> LoweredLibrary:
     """Compile ``model`` for ``target`` into a shared library at ``out_path``.
 
@@ -89,6 +90,9 @@ def lower(
         input_dtypes: dtype name (``float32``...) of every graph input.
         out_path: the ``.so`` to write.
         progress: called with one line per step.
+        schedules: apply edgecc's CPU schedule rules (:mod:`edgecc.lower.schedules`); False
+            gives the old default build (TVM's serial loop nests), for comparisons. None: on,
+            unless the environment variable ``EDGECC_SCHEDULES`` is ``off``.
 
     Returns:
         The library and its build facts.
@@ -109,7 +113,7 @@ def lower(
     coverage = ScheduleCoverage()
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target, target, coverage)(mod)
+        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules))(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
@@ -121,6 +125,7 @@ def lower(
     }
     if target.device == "cpu":
         details["schedules"] = coverage.summary()
+        details["schedule_rules"] = "on" if schedules_enabled(schedules) else "off"
     notes: list[str] = []
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
@@ -257,12 +262,22 @@ def _failed_op(printed: str) -> str | None:
     return None
 
 
-def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage):
+def schedules_enabled(schedules: bool | None = None) -> bool:
+    """Whether the CPU schedule rules run: ``schedules`` if given, else not ``EDGECC_SCHEDULES``
+    = ``off`` (also ``0``, ``false``, ``no``)."""
+    if schedules is not None:
+        return schedules
+    value = os.environ.get("EDGECC_SCHEDULES", "on").strip().lower()
+    return value not in ("off", "0", "false", "no")
+
+
+def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: bool = True):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
 
     CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
-    CUDA: TVM's default pipeline (dlight GPU rules).
+    CUDA: TVM's default pipeline (dlight GPU rules). ``rules=False`` leaves the rules (and their
+    layout passes) out: TVM's serial default code, the build before the rules existed.
     """
     import tvm
     from tvm import relax
@@ -273,6 +288,16 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage):
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     params = CpuParams.of(target)
+    if not rules:
+        return tvm.transform.Sequential(
+            [
+                *head,
+                *cpu.library_dispatch_passes(tvm_target),
+                *cpu.legalize_passes(tvm_target),
+                *cpu.dataflow_lower_passes(tvm_target),
+                *cpu.finalize_passes(tvm_target),
+            ]
+        )
     return tvm.transform.Sequential(
         [
             *head,

@@ -227,7 +227,9 @@ class ExpandRecurrent:
             )
         if not info["expanded"]:
             reasons = "; ".join(f"{d.get('node')}: {d.get('reason')}" for d in info["declined"])
-            return PassResult(model, False, info, reason=f"every recurrent node declined ({reasons})")
+            return PassResult(
+                model, False, info, reason=f"every recurrent node declined ({reasons})"
+            )
         copies = [onnx.NodeProto() for _ in new_nodes]
         for copy, node in zip(copies, new_nodes, strict=True):
             copy.CopyFrom(node)

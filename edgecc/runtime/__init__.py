@@ -13,6 +13,7 @@ copy as ``run.py``). Where it runs:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -21,10 +22,11 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edgecc.errors import EdgeccError, ToolchainError
+from edgecc.errors import EdgeccError, ToolchainError, UserInputError
 from edgecc.targets import Target
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 RUNNER = Path(__file__).with_name("_runner.py")
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
-__all__ = ["RUNNER", "host_arch", "prepare_emulator", "run_library"]
+__all__ = ["RUNNER", "host_arch", "is_emulated", "prepare_emulator", "run_library"]
 
 
 def host_arch() -> str:
@@ -53,6 +55,11 @@ def prepare_emulator(progress: Callable[[str], None] | None = None) -> Path:
     return emulation.prepare_emulator(progress)
 
 
+def is_emulated(target: Target) -> bool:
+    """True when ``target``'s CPU code runs here under qemu (an aarch64 target on x86-64)."""
+    return target.device != "cuda" and target.arch != host_arch()
+
+
 def has_cuda_device() -> bool:
     """True when a CUDA GPU is visible (desktop driver nodes or Jetson's nvhost GPU node)."""
     return Path("/dev/nvidia0").exists() or Path("/dev/nvhost-ctrl-gpu").exists()
@@ -64,6 +71,8 @@ def run_library(
     inputs: Mapping[str, np.ndarray],
     output_names: list[str],
     progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``library`` (built by :func:`edgecc.lower.lower` for ``target``) once.
 
@@ -73,6 +82,10 @@ def run_library(
         inputs: input arrays, ordered as the model's inputs.
         output_names: names for the outputs, in the model's output order.
         progress: called with one line per step (e.g. the emulator's first-use preparation).
+        threads: TVM runtime threads (``TVM_NUM_THREADS`` of the runner); None leaves the
+            environment as it is (TVM then uses ``TVM_NUM_THREADS``, ``OMP_NUM_THREADS`` or the
+            physical core count).
+        facts: when given, updated with what the runner used (``threads``, ``device``).
 
     Returns:
         ``{output name: array}`` in ``output_names`` order.
@@ -81,14 +94,32 @@ def run_library(
         ToolchainError: no way to run ``target`` here (no CUDA device, no qemu-aarch64).
         EdgeccError: the run failed (the message ends with the runner's last stderr line).
     """
+    if threads is not None and threads < 1:
+        raise UserInputError(f"threads must be >= 1 (got {threads})")
     with tempfile.TemporaryDirectory(prefix="edgecc-run-") as work:
-        outputs = _call_runner(library, target, inputs, Path(work), progress=progress)
+        info = Path(work) / "info.json"
+        outputs = _call_runner(
+            library,
+            target,
+            inputs,
+            Path(work),
+            ["--info", str(info)],
+            thread_env(threads),
+            progress=progress,
+        )
+        if facts is not None:
+            facts.update(json.loads(info.read_text()))
     if len(outputs) != len(output_names):
         raise EdgeccError(
             f"{Path(library).name} returned {len(outputs)} outputs, expected "
             f"{len(output_names)} ({', '.join(output_names)})"
         )
     return dict(zip(output_names, outputs, strict=True))
+
+
+def thread_env(threads: int | None) -> dict[str, str] | None:
+    """The runner environment entries that give the TVM runtime ``threads`` threads."""
+    return None if threads is None else {"TVM_NUM_THREADS": str(threads)}
 
 
 def _call_runner(
@@ -99,13 +130,19 @@ def _call_runner(
     options: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    emulator_options: Sequence[str] = (),
 ) -> list[np.ndarray]:
     """Run :data:`RUNNER` on ``library`` in the scratch folder ``work``; return its outputs.
 
     ``options`` are appended to the runner's arguments (e.g. its timing flags); ``env`` entries
-    are added to the environment it runs in.
+    are added to the environment it runs in; ``emulator_options`` go right after
+    ``qemu-aarch64`` (e.g. ``-plugin``), for emulated targets only.
     """
     command, base_env = _launcher(target, progress)
+    if emulator_options:
+        if base_env is None:  # not the qemu launcher
+            raise EdgeccError(f"{target.name} does not run under emulation on this host")
+        command = [command[0], *emulator_options, *command[1:]]
     if env:
         base_env = {**(os.environ if base_env is None else base_env), **env}
     device = "cuda" if target.device == "cuda" else "cpu"

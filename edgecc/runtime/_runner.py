@@ -38,6 +38,12 @@ Runtime's outputs of model.onnx on the probe input) under the manifest's rule (`
 It also reports the agreement with ``reference:*`` (the source model's float outputs), which
 lossy passes change by design; ``--min-cosine`` makes it a failure too.
 
+Counting (for edgecc's instruction counts under qemu): ``--count-runs N [--count-windows K]``
+runs ``main`` N more times after the output run, K times over, with a marker call
+``lseek(-1, MARK_OFFSET, 0)`` before the first window and after each (it fails with EBADF and
+does nothing); edgecc's qemu plugin records the instruction count at each marker. ``--info
+info.json`` writes what the run used: ``threads`` (the TVM runtime's thread count), ``device``.
+
 Exit status: 0 success, 2 bad arguments or a missing, corrupt or modified file, 4 check failed,
 1 any other failure; errors print one line on stderr.
 """
@@ -52,7 +58,7 @@ EXIT_USER, EXIT_CHECK_FAILED = 2, 4
 USAGE = (
     "usage: run.py [--library model.so] [--input x.npz|x.npy] [--output y.npz] "
     "[--device cpu|cuda] [--check] [--min-cosine X] [--repeat N] [--warmup W] "
-    "[--timings t.json]"
+    "[--timings t.json] [--count-runs N [--count-windows K]] [--info info.json]"
 )
 OPTIONS = {
     "--library": str,
@@ -63,8 +69,12 @@ OPTIONS = {
     "--repeat": int,
     "--warmup": int,
     "--timings": str,
+    "--count-runs": int,
+    "--count-windows": int,
+    "--info": str,
 }
 FLAGS = ("--check",)
+MARK_OFFSET = 0x656467656363  # "edgecc"; the instruction-counting plugin's MARK_OFFSET
 # The rule of packages whose manifest has none (built before the rule was recorded).
 FP32_RULE = {"kind": "fp32", "max_rel_diff": 1e-3, "min_cosine": 0.9999}
 
@@ -248,6 +258,8 @@ def parse(argv):
         raise UsageError(f"--device must be cpu or cuda; {USAGE}")
     if "min_cosine" in options and not options.get("check"):
         raise UsageError("--min-cosine needs --check")
+    if options.get("count_runs", 1) < 1 or options.get("count_windows", 1) < 1:
+        raise UsageError("--count-runs and --count-windows must be >= 1")
     return options
 
 
@@ -364,6 +376,23 @@ def _time(vm, device, device_kind, args, repeat, warmup):
     }
 
 
+def _mark():
+    """The marker call the counting plugin records (a failing lseek: no effect otherwise)."""
+    try:  # noqa: SIM105  (no contextlib: the runner keeps to few imports)
+        os.lseek(-1, MARK_OFFSET, 0)
+    except OSError:
+        pass
+
+
+def _count(vm, args, runs, windows):
+    """``windows`` windows of ``runs`` calls of ``main``, a marker before and after each."""
+    _mark()
+    for _ in range(windows):
+        for _ in range(runs):
+            vm["main"](*args)
+        _mark()
+
+
 def run(options):
     """Run the library as ``options`` say; return ``(report dict, exit status)``."""
     import numpy as np
@@ -422,6 +451,17 @@ def run(options):
         if "timings" in options:
             with open(options["timings"], "w") as f:
                 json.dump(report["timing"], f)
+    if "count_runs" in options:
+        _count(vm, args, options["count_runs"], options.get("count_windows", 1))
+    if "info" in options:
+        info = {
+            "threads": int(tvm.runtime.num_threads()),
+            "device": device_kind,
+            "count_runs": options.get("count_runs", 0),
+            "count_windows": options.get("count_windows", 0) if "count_runs" in options else 0,
+        }
+        with open(options["info"], "w") as f:
+            json.dump(info, f)
     status = 0
     if options.get("check"):
         expected = _section(recorded, "expected:")

@@ -12,6 +12,11 @@ Prepared once and cached outside the repository, in
 ``edgecc-emulator.json``
     what was installed; its presence marks a complete cache.
 
+Beside it, ``qemu-insn-plugin-<hash>.so``: edgecc's TCG plugin that counts executed guest
+instructions (``qemu_insn_plugin.c``, package data), compiled on first use with the host's C
+compiler (:func:`insn_plugin`; ``scripts/setup.sh`` builds it ahead); the hash of the source in
+its name makes an edited source rebuild.
+
 The cache is built in a scratch folder beside it and renamed into place at the end, so an
 interrupted prepare never leaves a half cache; a file lock serialises concurrent prepares.
 Emulated run times say nothing about the board's speed.
@@ -20,6 +25,7 @@ Emulated run times say nothing about the board's speed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -166,15 +172,13 @@ def _build(root: Path, progress: Progress) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _run(cmd: list[str], cwd: Path | None = None) -> None:
+def _run(cmd: list[str], cwd: Path | None = None, what: str = "the aarch64 emulator") -> None:
     """Run a preparation command; a toolchain error with its last output line on failure."""
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-        raise ToolchainError(
-            f"preparing the aarch64 emulator: {Path(cmd[0]).name} failed: {lines[-1]}"
-        )
+        raise ToolchainError(f"preparing {what}: {Path(cmd[0]).name} failed: {lines[-1]}")
 
 
 def _fetch_sysroot(staging: Path, progress: Progress) -> None:
@@ -229,6 +233,40 @@ def _fetch_site(staging: Path, progress: Progress) -> None:
             zf.extractall(site)
 
 
+PLUGIN_SOURCE = Path(__file__).with_name("qemu_insn_plugin.c")
+
+
+def insn_plugin(progress: Progress = None) -> Path:
+    """The instruction-counting qemu plugin, compiled once (per source version) into the cache.
+
+    Returns:
+        The plugin's path (load it with ``qemu-aarch64 -plugin PATH,out=FILE``).
+
+    Raises:
+        ToolchainError: no host C compiler, or the compile failed.
+    """
+    digest = hashlib.sha256(PLUGIN_SOURCE.read_bytes()).hexdigest()[:12]
+    plugin = cache_root() / f"qemu-insn-plugin-{digest}.so"
+    if plugin.is_file():
+        return plugin
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc or not shutil.which(cc):
+        raise ToolchainError(
+            "no host C compiler (gcc) to build the qemu instruction-counting plugin: "
+            "install the Debian package gcc"
+        )
+    plugin.parent.mkdir(parents=True, exist_ok=True)
+    staged = plugin.with_name(f".{plugin.name}.{os.getpid()}")
+    _say(progress, f"building the qemu instruction-counting plugin {plugin.name}")
+    flags = ["-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall"]
+    try:
+        _run([cc, *flags, "-o", str(staged), str(PLUGIN_SOURCE)], what="the qemu plugin")
+        os.replace(staged, plugin)
+    finally:
+        staged.unlink(missing_ok=True)
+    return plugin
+
+
 def emulated_python(root: Path) -> tuple[list[str], dict[str, str]]:
     """The command prefix and environment that run the cached aarch64 Python under qemu.
 
@@ -251,3 +289,4 @@ def emulated_python(root: Path) -> tuple[list[str], dict[str, str]]:
 if __name__ == "__main__":  # ``python -m edgecc.runtime.emulation``: warm the cache (setup, CI)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.info("aarch64 emulator: %s", prepare_emulator())
+    log.info("qemu instruction-counting plugin: %s", insn_plugin())
