@@ -11,6 +11,8 @@ calibrated on 32 random samples), then times, in the same process run and on the
             into integer kernels such as QLinearConv);
 ``torch``   the torch module in eager mode (``torch.set_num_threads(--threads)``, no_grad); fp32
             also on int8 rows (torch eager has no int8 path here);
+``rules off`` with ``--before``: the package's graph lowered without edgecc's schedule rules
+            (TVM 0.27's unscheduled default: the build before the rules), timed like ``edgecc``;
 ``tuned``   with ``--tune-trials N[,M...]``: the package's graph lowered by
             :func:`edgecc.lower.tune.lower_tuned` (MetaSchedule, N measured schedules per fused
             kernel), timed like ``edgecc`` (rows ``fp32 tuned xN``, ``int8 tuned xN``).
@@ -27,7 +29,7 @@ Usage::
 
     python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,
         mobilenetv2,efficientnet_lite0,minilm]
-        [--no-int8] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3] [--threads 2]
+        [--no-int8] [--before] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3] [--threads 2]
         [--json [PATH]] [--markdown docs/benchmark.md]
 """
 
@@ -182,6 +184,19 @@ def tuned_library(pkg: Any, work: Path, trials: int) -> tuple[Path, dict[str, An
     return lib.path, {**lib.details["tuning"], "compile_seconds": round(lib.compile_seconds, 1)}
 
 
+def rules_off_library(pkg: Any, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The package's graph lowered without edgecc's schedule rules: TVM's default build, i.e.
+    what ``edgecc compile`` produced before the rules (``lower(schedules=False)``)."""
+    from edgecc.lower import lower
+
+    model = onnx.load(str(pkg.path / "model.onnx"))
+    shapes = {i["name"]: tuple(i["shape"]) for i in pkg.manifest["inputs"]}
+    dtypes = {i["name"]: i["dtype"] for i in pkg.manifest["inputs"]}
+    work.mkdir(parents=True, exist_ok=True)
+    lib = lower(model, get_target(TARGET), shapes, dtypes, work / "rules-off.so", schedules=False)
+    return lib.path, {"compile_seconds": round(lib.compile_seconds, 1)}
+
+
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows (fp32, int8, tuned) for one model."""
     work = WORK_DIR / name
@@ -200,6 +215,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         # fp32: ORT on the source ONNX; int8: on the package's QDQ graph (ORT's integer kernels).
         graph = loaded.model if variant == "fp32" else onnx.load(str(pkg.path / "model.onnx"))
         libraries: Libraries = {"edgecc": (pkg.library, {})}
+        if args.before:
+            libraries["rules off"] = rules_off_library(pkg, work / f"{variant}-rules-off")
         for trials in args.tune_trials:
             libraries[f"tuned x{trials}"] = tuned_library(pkg, work / f"{variant}-tuned{trials}",
                                                          trials)
@@ -234,7 +251,7 @@ def time_variant(model: str, variant: str, pkg: Any, libraries: Libraries,
             "build_seconds": tuning.get("compile_seconds",
                                         round(pkg.report["compile_seconds"], 1)),
             "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
-            **({"tuning": tuning} if tuning else {}),
+            **({"tuning": tuning} if "trials_per_task" in tuning else {}),
         })
     return rows
 
@@ -307,6 +324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(ALL_MODELS),
                    help=f"comma-separated, from {', '.join(ALL_MODELS)}")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
+    p.add_argument("--before", action="store_true",
+                   help="also time the build without schedule rules (TVM's default, as before)")
     p.add_argument("--tune-trials", type=lambda text: [int(t) for t in text.split(",")],
                    default=[], metavar="N[,M...]",
                    help="also time MetaSchedule-tuned libraries (measured trials per kernel)")
