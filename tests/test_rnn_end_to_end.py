@@ -140,7 +140,8 @@ def test_vad_dynamic_quant_stores_the_lstm_matmuls_as_int8(
     assert int8_elements >= lstm_weights  # every LSTM weight (and the head's) stored as int8
     rows = pkg.report["passes"]  # the tiny net's bytes are mostly graph structure: check the saving
     k = next(i for i, r in enumerate(rows) if r["pass"] == "dynamic-quant")
-    assert rows[k - 1]["bytes"] - rows[k]["bytes"] > 2.5 * lstm_weights
+    # 3 bytes saved per weight element, less the per-channel scales and DequantizeLinear nodes
+    assert rows[k - 1]["bytes"] - rows[k]["bytes"] > 2.0 * lstm_weights
     outputs = pkg.run()
     res = compare_outputs(outputs, pkg.expected_outputs())
     assert res["max_rel_diff"] <= 1e-3, res
