@@ -29,7 +29,8 @@ Usage::
 
     python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,
         mobilenetv2,efficientnet_lite0,minilm]
-        [--no-int8] [--before] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3] [--threads 2]
+        [--no-int8] [--before] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3]
+        [--threads 2]
         [--json [PATH]] [--markdown docs/benchmark.md]
 """
 
