@@ -90,15 +90,7 @@ def _clip_bounds_as_relax_ops() -> Any:
         def visit_expr_post_order(self, call):  # noqa: ANN001, ANN202
             return super().visit_call_(call)
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgeccClipAsRelaxOps")
-    def _pass(mod, _ctx):
-        rewriter = _Rewrite(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mod[gvar] = rewriter.visit_expr(func)
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return _pass
+    return _rewrite_functions_pass("EdgeccClipAsRelaxOps", _Rewrite)
 
 
 def _per_tensor_qdq_as_relax_ops() -> Any:
@@ -159,9 +151,18 @@ def _per_tensor_qdq_as_relax_ops() -> Any:
             )
             return relax.op.multiply(relax.op.astype(centred, "float32"), relax.const(s))
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgeccQdqAsRelaxOps")
+    return _rewrite_functions_pass("EdgeccQdqAsRelaxOps", _Rewrite)
+
+
+def _rewrite_functions_pass(name: str, mutator: Any) -> Any:
+    """A module pass running ``mutator`` (a Relax ``PyExprMutator`` class) over every Relax
+    function, then dead-code elimination."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod, _ctx):
-        rewriter = _Rewrite(mod)
+        rewriter = mutator(mod)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mod[gvar] = rewriter.visit_expr(func)
