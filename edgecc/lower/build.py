@@ -38,7 +38,7 @@ from edgecc import interrupt
 from edgecc.errors import ToolchainError
 from edgecc.lower import cuda, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
-from edgecc.lower.schedules import CpuParams, ScheduleCoverage
+from edgecc.lower.schedules import CpuParams, ScheduleCoverage, schedules_enabled
 from edgecc.targets import Target
 
 log = logging.getLogger(__name__)
@@ -260,15 +260,6 @@ def _failed_op(printed: str) -> str | None:
         if line.startswith(prefix):
             return line[len(prefix) :].split(",", 1)[0].strip()
     return None
-
-
-def schedules_enabled(schedules: bool | None = None) -> bool:
-    """Whether the CPU schedule rules run: ``schedules`` if given, else not ``EDGECC_SCHEDULES``
-    = ``off`` (also ``0``, ``false``, ``no``)."""
-    if schedules is not None:
-        return schedules
-    value = os.environ.get("EDGECC_SCHEDULES", "on").strip().lower()
-    return value not in ("off", "0", "false", "no")
 
 
 def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: bool = True):

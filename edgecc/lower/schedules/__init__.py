@@ -113,13 +113,22 @@ def register_rule(priority: int) -> Callable[[type[CpuRule]], type[CpuRule]]:
     return wrap
 
 
+def schedules_enabled(schedules: bool | None = None) -> bool:
+    """Whether the CPU schedule rules run: ``schedules`` if given, else not ``EDGECC_SCHEDULES``
+    = ``off`` (also ``0``, ``false``, ``no``, ``none``). The one reader of that variable."""
+    if schedules is not None:
+        return schedules
+    value = os.environ.get("EDGECC_SCHEDULES", "on").strip().lower()
+    return value not in ("off", "0", "false", "no", "none")
+
+
 def rules_for(params: CpuParams) -> list[CpuRule]:
     """Every registered rule, in the order they are tried, built for ``params``.
 
     ``EDGECC_SCHEDULES=off`` in the environment gives none (TVM's unscheduled default build, for
     before/after comparisons in the benchmarks).
     """
-    if os.environ.get("EDGECC_SCHEDULES", "on").lower() in ("off", "0", "none"):
+    if not schedules_enabled():
         return []
     for module in RULE_MODULES:
         importlib.import_module(f"{__name__}.{module}")

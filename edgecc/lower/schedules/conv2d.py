@@ -285,11 +285,10 @@ def _extent(sch: Any, loop: Any) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-@register_rule(10)
-class Conv2dRule(CpuRule):
-    """NHWC conv2d (groups with > 1 channel per group) + fused epilogue."""
+class ConvRuleBase(CpuRule):
+    """One NHWC conv block + fused epilogue; subclasses say whether they take depthwise convs."""
 
-    name = "conv2d"
+    depthwise: bool = False
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
         from tvm import s_tir
@@ -299,7 +298,14 @@ class Conv2dRule(CpuRule):
         if conv is None:
             return None
         shape = conv_shape(sch, conv)
-        if shape is None or is_depthwise(sch, conv, shape):
+        if shape is None or is_depthwise(sch, conv, shape) != self.depthwise:
             return None
-        schedule_conv(sch, conv, shape, self.params, depthwise=False)
+        schedule_conv(sch, conv, shape, self.params, depthwise=self.depthwise)
         return sch
+
+
+@register_rule(10)
+class Conv2dRule(ConvRuleBase):
+    """NHWC conv2d (groups with > 1 channel per group) + fused epilogue."""
+
+    name = "conv2d"

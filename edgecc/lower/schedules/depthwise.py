@@ -18,32 +18,13 @@ convs, dynamic shapes.
 
 from __future__ import annotations
 
-from typing import Any
-
-from edgecc.lower.schedules import CpuRule, register_rule
-from edgecc.lower.schedules.conv2d import (
-    conv_shape,
-    find_conv_block,
-    is_depthwise,
-    schedule_conv,
-)
+from edgecc.lower.schedules import register_rule
+from edgecc.lower.schedules.conv2d import ConvRuleBase
 
 
 @register_rule(12)
-class DepthwiseConvRule(CpuRule):
+class DepthwiseConvRule(ConvRuleBase):
     """NHWC depthwise conv2d + fused epilogue."""
 
     name = "depthwise-conv2d"
-
-    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-        from tvm import s_tir
-
-        sch = s_tir.Schedule(func)
-        conv = find_conv_block(sch)
-        if conv is None:
-            return None
-        shape = conv_shape(sch, conv)
-        if shape is None or not is_depthwise(sch, conv, shape):
-            return None
-        schedule_conv(sch, conv, shape, self.params, depthwise=True)
-        return sch
+    depthwise = True
