@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["Package", "__version__", "compile", "load"]
+__all__ = ["Package", "__version__", "compile", "load", "report"]
 
 _LAZY = {"compile": "edgecc.api", "load": "edgecc.api", "Package": "edgecc.package"}
 
@@ -25,4 +25,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name == "report":  # the callable module edgecc.report (edgecc.report(packages, out))
+        import importlib
+
+        return importlib.import_module("edgecc.report")
     raise AttributeError(f"module 'edgecc' has no attribute {name!r}")

@@ -456,10 +456,14 @@ def _check_lines(res: dict[str, Any], warn_below: float) -> list[str]:
 def bench_cmd(package: Path, repeat: int, warmup: int, threads: int | None) -> None:
     """Time a PACKAGE against ONNX Runtime on its own graph, in the same run (a ratio).
 
-    Emulated (aarch64) packages: executed instructions per inference under qemu instead."""
+    Emulated (aarch64) packages: executed instructions per inference under qemu instead.
+    The result is saved as PACKAGE/bench.json (for `edgecc report`)."""
     from edgecc.package import Package
+    from edgecc.report.variants import save_bench
 
-    res = Package(package).benchmark(repeat, warmup, threads)
+    pkg = Package(package)
+    res = pkg.benchmark(repeat, warmup, threads)
+    save_bench(pkg, res)
     if res.get("emulated"):  # instruction counts, not times (edgecc.runtime.instructions)
         from edgecc.runtime.instructions import summary_text
 
@@ -581,6 +585,11 @@ def passes_cmd() -> None:
     }
     width = max(map(len, summary), default=0)
     _emit({"passes": summary}, "\n".join(f"{n.ljust(width)}  {d}" for n, d in summary.items()))
+
+
+from edgecc.commands.report import report_cmd  # noqa: E402  (needs the helpers above)
+
+cli.add_command(report_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
