@@ -50,9 +50,10 @@ class Browser:
         self._from_browser, from_browser_w = os.pipe()
 
         def fds() -> None:  # in the child: the pipe ends as descriptors 3 and 4
-            a, b = os.dup(to_browser_r), os.dup(from_browser_w)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
+            a, b = os.dup(to_browser_r), os.dup(from_browser_w)  # above 2, a < b
+            for src, dest in ((a, 3), (b, 4)):
+                os.dup2(src, dest)
+                os.set_inheritable(dest, True)  # dup2(3, 3) keeps close-on-exec: clear it
 
         args = [
             CHROMIUM, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
