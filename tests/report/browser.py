@@ -54,6 +54,7 @@ class Browser:
             for src, dest in ((a, 3), (b, 4)):
                 os.dup2(src, dest)
                 os.set_inheritable(dest, True)  # dup2(3, 3) keeps close-on-exec: clear it
+            os.closerange(5, 1 << 16)  # nothing else of this process leaks into the browser
 
         args = [
             CHROMIUM, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
