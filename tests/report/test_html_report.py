@@ -258,3 +258,15 @@ def test_cli_report(variants, tmp_path, capsys):
     assert main(["report", *map(str, variants), "--eval", "x.json", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgecc: error: --eval x.json: with several packages")
+
+
+def test_cli_bench_saves_bench_json(variants, monkeypatch, capsys):
+    """edgecc bench writes what it prints to PKG/bench.json (the real timing is in
+    test_report_bench.py; here the measurement is replaced to keep the test fast)."""
+    monkeypatch.setattr(Package, "benchmark", lambda self, *a: bench_result(0.42))
+    (variants[2] / BENCH_FILE).unlink()
+    assert main(["bench", str(variants[2]), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((variants[2] / BENCH_FILE).read_text())
+    assert printed["ratio"] == saved["ratio"] == 0.42
+    assert collect(variants)["variants"][2]["latency"]["ratio"] == 0.42
