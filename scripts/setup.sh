@@ -14,6 +14,8 @@ command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 command -v gcc >/dev/null || need_apt+=(gcc)
 # Fashion-MNIST, for the accuracy measurements and tests (no downloads at run time).
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+# A headless browser for the test that loads the HTML report (edgecc report) and checks it.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
