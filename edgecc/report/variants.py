@@ -428,6 +428,10 @@ def collect(
                 result = pkg.benchmark()
                 save_bench(pkg, result)
         variants.append(variant(pkg, acc, acc_source, result, notes))
+    names = [v["name"] for v in variants]
+    for v in variants:  # two folders of the same name (a/pkg, b/pkg): name them by their parent
+        if names.count(v["name"]) > 1:
+            v["name"] = f"{Path(v['path']).parent.name}/{v['name']}"
     for v in variants:
         if v["sensitivity"] is not None and not any(
             s["layers"] == v["sensitivity"]["layers"] for s in sens_list
@@ -438,9 +442,8 @@ def collect(
         notes.append(
             f"the packages come from {len(sources)} different source models (source sha256)"
         )
-    names = [v["name"] for v in variants]
     return {
-        "title": title or f"edgecc report: {', '.join(names)}",
+        "title": title or f"edgecc report: {', '.join(v['name'] for v in variants)}",
         "variants": variants,
         "sensitivity": sens_list,
         "notes": notes,

@@ -186,6 +186,21 @@ def test_page_is_self_contained_and_escaped(variants, tmp_path):
     assert len(ids) == len(set(ids))
 
 
+def test_untrusted_folder_model_and_pipeline_names_are_escaped(tmp_path):
+    pkg = make_package(tmp_path / "m<b>x", pipeline=f"qdq{EVIL}",
+                       extra={"sensitivity": {**sensitivity_result(2), "model": EVIL}})
+    write_report([pkg], tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "<b>" not in page and "<script>" not in page
+    assert "m&lt;b&gt;x" in page and page.count("&lt;script&gt;") >= 3
+
+
+def test_same_folder_names_are_told_apart(tmp_path):
+    a = make_package(tmp_path / "a" / "pkg")
+    b = make_package(tmp_path / "b" / "pkg")
+    assert [v["name"] for v in collect([a, b])["variants"]] == ["a/pkg", "b/pkg"]
+
+
 def test_page_content(variants, tmp_path):
     out = tmp_path / "report.html"
     write_report(variants, out, title="tinycnn variants")
