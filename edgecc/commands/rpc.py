@@ -57,19 +57,41 @@ def tracker_cmd(host: str, port: int) -> None:
     """Run TVM's RPC tracker here until Ctrl-C; prints the address it listens on."""
     import logging
 
-    from tvm.rpc.tracker import Tracker
+    from tvm.rpc import tracker
 
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)
-    try:
-        tracker = Tracker(host, port=port, port_end=min(port + PORT_SEARCH, 65536), silent=quiet)
-    except Exception as err:  # noqa: BLE001  (TVM re-raises the child's bind error)
+    try:  # in this process (TVM's Tracker class would start another Python and import TVM again)
+        state = tracker.PopenTrackerServerState(
+            host, port, min(port + PORT_SEARCH, 65536), silent=quiet
+        )
+    except (OSError, ValueError) as err:
         raise UserInputError(f"cannot start the RPC tracker on {host}:{port}: {err}") from err
     try:
-        click.echo(f"rpc tracker listening on {host}:{tracker.port} (Ctrl-C stops it)")
+        click.echo(f"rpc tracker listening on {host}:{state.port} (Ctrl-C stops it)")
         sys.stdout.flush()
-        tracker.proc.join()
+        while state.thread.is_alive():
+            state.thread.join(0.5)  # in slices, so that Ctrl-C is seen
     finally:
-        tracker.terminate()
+        _stop_tracker(host, state.port, state.stop_key)
+        state.thread.join(5.0)
+
+
+def _stop_tracker(host: str, port: int, stop_key: str) -> None:
+    """Ask the tracker's event loop to stop (TVM's STOP request with its secret key)."""
+    import socket
+    import struct
+
+    from tvm.rpc import base
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    try:
+        with socket.create_connection((target, port), timeout=5.0) as sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            base.recvall(sock, 4)
+            base.sendjson(sock, [base.TrackerCode.STOP, stop_key])
+            base.recvjson(sock)
+    except OSError:
+        pass  # already stopped
 
 
 @rpc_group.command(
