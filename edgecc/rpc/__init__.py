@@ -30,7 +30,7 @@ from edgecc.rpc.farm import (
     tracker_summary,
     wait_for_boards,
 )
-from edgecc.rpc.runner import make_runner
+from edgecc.rpc.runner import make_runner, runner_errors
 from edgecc.rpc.session import DEFAULT_TIMEOUT, bench_package, run_package, run_remote
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "parse_address",
     "run_package",
     "run_remote",
+    "runner_errors",
     "tracker_summary",
     "wait_for_boards",
 ]

@@ -17,7 +17,9 @@ bounded:
   edgecc's server starts serving again after a crashed session);
 * a worker waits at most ``timeout`` seconds for a free board (TVM's request waits for ever);
 * **no board left, or the tracker down**: :meth:`FarmRunner.run` checks the farm before each
-  batch and raises :class:`edgecc.rpc.farm.RPCError` (one line), which stops the tuning.
+  batch and raises :class:`edgecc.rpc.farm.RPCError` (one line), which stops the tuning;
+  MetaSchedule's C++ loop hands it on as a ``RuntimeError``, which :func:`runner_errors` turns
+  back into the RPCError.
 
 MetaSchedule commits every measured candidate to its database (one JSON line per record) as
 the batch completes; a failed candidate is committed without run times, which MetaSchedule
@@ -26,7 +28,9 @@ never picks as a best schedule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from edgecc.rpc.farm import RPCError, check_boards, parse_address
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MARGIN = 30.0  # seconds beyond the session timeout before a silent worker is killed
 
-__all__ = ["MARGIN", "make_runner"]
+__all__ = ["MARGIN", "make_runner", "runner_errors"]
 
 
 def make_runner(
@@ -82,6 +86,20 @@ def make_runner(
     return runner_class(address, key, timeout, (number, repeat, min_repeat_ms), workers)
 
 
+@contextlib.contextmanager
+def runner_errors(runner: Any) -> Iterator[None]:
+    """Around a tuning run with ``runner``: when it stopped the run (tracker down, no board
+    left), raise its :class:`RPCError` (exit 2, one line) instead of the ``RuntimeError``
+    MetaSchedule turned it into. Any other runner passes through unchanged."""
+    try:
+        yield
+    except Exception as err:
+        stopped = getattr(runner, "stopped", None)
+        if isinstance(stopped, RPCError):
+            raise stopped from err
+        raise
+
+
 _CLASS: Any = None
 
 
@@ -103,7 +121,7 @@ def _farm_runner_class() -> Any:
 
         def __init__(self, address, key, timeout, evaluator, workers) -> None:
             PyRunner.__init__(self)  # RPCRunner.__init__ would start a pool without timeout
-            self.address, self.key = address, key
+            self.address, self.board_key = address, key
             self.rpc_config = RPCConfig(
                 tracker_host=address[0],
                 tracker_port=address[1],
@@ -129,14 +147,16 @@ def _farm_runner_class() -> Any:
             self.f_upload_module = self.f_alloc_argument = None
             self.f_run_evaluator = self.f_cleanup = None
             self.max_workers = workers
+            self.stopped: RPCError | None = None
             # a worker may wait `timeout` for a board, then run `timeout` on it
             self.pool = PopenPoolExecutor(max_workers=workers, timeout=2 * timeout + MARGIN)
 
         def run(self, runner_inputs):
             try:
-                check_boards(self.address, self.key)
+                check_boards(self.address, self.board_key)
             except RPCError as err:
-                log.error("RPC runner: %s", err)
+                self.stopped = err  # MetaSchedule's C++ loop re-raises it as a RuntimeError
+                log.info("RPC runner stops: %s", err)
                 raise
             return super().run(runner_inputs)
 

@@ -14,6 +14,7 @@ Checks against the reference run on this machine, as for local runs (:meth:`Pack
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.errors import EdgeccError
 from edgecc.rpc.farm import RPCError, as_rpc_error, check_boards, parse_address
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,44 @@ def _board_info(sess: Any) -> dict[str, Any]:
         return {}
 
 
+def _on_board(
+    sess: Any,
+    where: str,
+    library: Path,
+    device: str,
+    inputs: Sequence[np.ndarray],
+    repeat: int | None,
+    warmup: int,
+) -> dict[str, Any]:
+    """Upload, load, run (and time) ``library`` in the session ``sess`` with board ``where``."""
+    import tvm
+    from tvm import relax
+
+    from edgecc.runtime._runner import timing_stats
+
+    info = _board_info(sess)
+    sess.upload(str(library), library.name)
+    dev = sess.device(device, 0)
+    if not dev.exist:
+        raise RPCError(f"board {where} has no {device} device for {library.name}")
+    vm = relax.VirtualMachine(sess.load_module(library.name), dev)
+    vm.set_input("main", *[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs])
+    vm.invoke_stateful("main")
+    result: dict[str, Any] = {
+        "outputs": _flatten(vm.get_outputs("main"), []),
+        "board": where,
+        "info": info,
+    }
+    if repeat is not None:
+        for _ in range(warmup):
+            vm.invoke_stateful("main")
+        timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat)
+        times = [float(t) * 1e3 for t in timer("main").results]
+        threads = info.get("threads") or int(sess.get_function("runtime.NumThreads")())
+        result["timing"] = timing_stats(times, warmup, threads, device)
+    return result
+
+
 def run_remote(
     library: Path,
     device: str,
@@ -153,42 +193,22 @@ def run_remote(
     request = session_requester(wait=timeout)
 
     def work() -> dict[str, Any]:
-        import tvm
-        from tvm import relax
-
-        from edgecc.runtime._runner import timing_stats
-
         try:
             sess, where = request(address[0], address[1], key, timeout)
         except RuntimeError as err:
             raise RPCError(str(err)) from None
         log.info("key %s: board %s", key, where)
+        error: EdgeccError | None = None
         try:
-            info = _board_info(sess)
-            sess.upload(str(library), library.name)
-            dev = sess.device(device, 0)
-            if not dev.exist:
-                raise RPCError(f"board {where} ({key}) has no {device} device for {library.name}")
-            vm = relax.VirtualMachine(sess.load_module(library.name), dev)
-            args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
-            vm.set_input("main", *args)
-            vm.invoke_stateful("main")
-            result: dict[str, Any] = {
-                "outputs": _flatten(vm.get_outputs("main"), []),
-                "board": where,
-                "key": key,
-                "info": info,
-            }
-            if repeat is not None:
-                for _ in range(warmup):
-                    vm.invoke_stateful("main")
-                timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat)
-                times = [float(t) * 1e3 for t in timer("main").results]
-                threads = info.get("threads") or int(sess.get_function("runtime.NumThreads")())
-                result["timing"] = timing_stats(times, warmup, threads, device)
-            return result
+            return _on_board(sess, where, library, device, inputs, repeat, warmup)
         except Exception as err:  # noqa: BLE001  (TVM's errors become one RPCError line)
-            raise as_rpc_error(err, f"running {library.name} on board {where} ({key})") from err
+            error = as_rpc_error(err, f"running {library.name} on board {where} ({key})")
+        finally:
+            # The connection closes when the last object of the session goes: until then the
+            # board stays busy (the next request would wait for its session timeout).
+            del sess
+            gc.collect()
+        raise error
 
     return _bounded(work, timeout + MARGIN, f"running {library.name} on a {key} board")
 
