@@ -15,8 +15,8 @@ the client asks in a scratch folder, killing the session when it outlasts the cl
   (``127.0.0.1`` for a local tracker), never every interface: TVM's RPC runs any code a
   client sends, so it must only be reachable on a trusted network; ``--host 0.0.0.0`` opts in;
 * TVM's serving loop stops for good when a session process dies abnormally (a candidate that
-  crashed the board's session) or the tracker stays away for a minute; this script logs that
-  and serves again, registering anew with the tracker.
+  crashed the board's session) or the tracker stays away for a minute; this script runs the
+  loop in a forked child and starts a new one then, which registers anew with the tracker.
 
 It prints one line when listening (``rpc server: key K on HOST:PORT, tracker T``) and
 registers ``edgecc.rpc.board_info`` (machine, threads, TVM version, ``--emulated``), which
@@ -102,19 +102,41 @@ def register_board_info(key, emulated):
     tvm_ffi.register_global_func("edgecc.rpc.board_info", board_info, override=True)
 
 
-def serve(sock, port, args):
-    """TVM's serving loop, started again whenever it stops."""
+def serve_once(sock, port, args):
+    """TVM's serving loop (in a forked child: its tracker connection dies with it)."""
     from tvm.rpc import server as rpc_server
 
+    try:
+        rpc_server._listen_loop(  # TVM 0.27's loop (its Server class runs it in a thread)
+            sock, port, args.key, args.tracker_addr, None, args.custom_addr
+        )
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        log.warning("serving stopped: %s", lines[-1])
+        sys.exit(1)
+
+
+def serve(sock, port, args):
+    """Run :func:`serve_once` in a child process, and again whenever it ends.
+
+    TVM's loop ends for good when a session process dies abnormally (a candidate crashed it)
+    or the tracker stays unreachable for a minute; a fresh child drops the old tracker
+    registration and registers anew, on the same listening socket.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # no new interpreter (none under qemu-user)
     while True:
+        child = context.Process(target=serve_once, args=(sock, port, args), daemon=False)
+        child.start()
         try:
-            rpc_server._listen_loop(  # TVM 0.27's loop (Server runs it in a thread)
-                sock, port, args.key, args.tracker_addr, None, args.custom_addr
-            )
-        except RuntimeError as err:
-            lines = str(err).strip().splitlines() or [type(err).__name__]
-            log.warning("serving stopped (%s); serving again", lines[-1])
-            time.sleep(1.0)
+            child.join()
+        except BaseException:
+            child.terminate()
+            child.join(5)
+            raise
+        log.warning("serving again (the serving process exited with %s)", child.exitcode)
+        time.sleep(0.5)
 
 
 def main(argv):

@@ -12,11 +12,13 @@ from tests.rpc.rpc_farm import Farm, matmul_relu
 
 @pytest.fixture(scope="session")
 def farm(tmp_path_factory: pytest.TempPathFactory):
-    """A tracker with an emulated ``rpi4`` board and an ``x86`` board, all on 127.0.0.1."""
+    """A tracker with an emulated ``rpi4`` board, an ``x86`` board and two ``pair`` boards (for
+    the disconnection test), all on 127.0.0.1; started at once, waited for by key."""
     farm = Farm(tmp_path_factory.mktemp("farm"))
     try:
         farm.rpi4 = farm.server("rpi4", "--emulate")
         farm.x86 = farm.server("x86")
+        farm.pair = [farm.server("pair"), farm.server("pair")]  # two boards, one key
         yield farm
     finally:
         farm.stop()
