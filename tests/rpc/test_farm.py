@@ -4,7 +4,9 @@ down or a key without boards (one line, exit 2, at once). No timing assertions."
 
 from __future__ import annotations
 
+import ast
 import json
+import sys
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ from edgecc.errors import EXIT_USER, UserInputError
 from edgecc.package import Package
 from edgecc.report.compare import run_onnx
 from edgecc.rpc import RPCError, key_status, make_runner, parse_address, run_package
+from edgecc.runtime import RPC_SERVER
 from tests.rpc.rpc_farm import LOCAL, free_port, matmul_relu
 
 
@@ -145,3 +148,16 @@ def test_inputs_travel_to_the_board(farm, packages):
     out = run_package(pkg, {"x": x}, farm.tracker, "x86", timeout=60, facts=facts)
     np.testing.assert_allclose(out["y"], run_onnx(matmul_relu(), {"x": x})["y"], rtol=1e-5)
     assert facts["key"] == "x86" and facts["board_info"]["key"] == "x86"
+
+
+def test_board_server_imports_only_tvm_and_the_standard_library():
+    # rpc_server.py is copied to boards that have Python, numpy and the TVM runtime only
+    tree = ast.parse(RPC_SERVER.read_text())
+    modules = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    modules |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert modules <= set(sys.stdlib_module_names) | {"tvm", "tvm_ffi"}
+    assert {"tvm", "tvm_ffi"} <= modules
