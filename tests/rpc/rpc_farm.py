@@ -123,8 +123,15 @@ class Farm:
         wait_for_boards(self.address, key, count, timeout=START_TIMEOUT)
 
     def stop(self) -> None:
+        """Stop every service, even when stopping one of them fails."""
+        errors = []
         for service in reversed(self.services):
-            service.stop()
+            try:
+                service.stop()
+            except Exception as err:  # noqa: BLE001  (the others must still be stopped)
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
 
 def matmul_relu() -> helper.ModelProto:
