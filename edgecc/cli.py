@@ -358,6 +358,8 @@ def _check_writable_dir(path: Path, option: str) -> None:
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="TVM threads [default: cores]."
 )
+@click.option("--rpc-tracker", metavar="HOST:PORT", help="Run on a board of this RPC tracker.")
+@click.option("--rpc-key", metavar="KEY", help="The boards' key at --rpc-tracker (e.g. rpi4).")
 def run_cmd(
     package: Path,
     input_path: Path | None,
@@ -365,8 +367,11 @@ def run_cmd(
     check: bool,
     min_cosine: float | None,
     threads: int | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
 ) -> None:
-    """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation)."""
+    """Run a compiled PACKAGE (x86 natively, aarch64 under qemu-user emulation, or on a board
+    over TVM RPC with --rpc-tracker/--rpc-key)."""
     import numpy as np
 
     from edgecc.package import WARN_COSINE, Package, read_arrays
@@ -377,7 +382,12 @@ def run_cmd(
     inputs = read_arrays(input_path) if input_path else None
     feeds = pkg.prepare_inputs(inputs) if inputs is not None else pkg.probe_inputs()
     facts: dict[str, Any] = {}
-    outputs = pkg.run(feeds, progress=_progress, threads=threads, facts=facts)
+    if rpc_tracker or rpc_key:
+        from edgecc.rpc import run_package
+
+        outputs = run_package(pkg, feeds, rpc_tracker, rpc_key, threads=threads, facts=facts)
+    else:
+        outputs = pkg.run(feeds, progress=_progress, threads=threads, facts=facts)
     if output_path:
         tmp = output_path.with_name(output_path.name + ".tmp.npz")
         try:
@@ -398,6 +408,9 @@ def run_cmd(
     ]
     if output_path:
         lines.append(f"outputs written to {output_path}")
+    if "board" in facts:
+        data["board"] = facts["board"]
+        lines.append(f"ran on board {facts['board']} (key {facts['key']})")
     if check:
         res = pkg.check(outputs, feeds, min_cosine=min_cosine)
         data["check"] = res
@@ -453,14 +466,29 @@ def _check_lines(res: dict[str, Any], warn_below: float) -> list[str]:
     default=None,
     help="Threads for both [default: the target's cores; 1 for instruction counts].",
 )
-def bench_cmd(package: Path, repeat: int, warmup: int, threads: int | None) -> None:
+@click.option("--rpc-tracker", metavar="HOST:PORT", help="Time on a board of this RPC tracker.")
+@click.option("--rpc-key", metavar="KEY", help="The boards' key at --rpc-tracker (e.g. rpi4).")
+def bench_cmd(
+    package: Path,
+    repeat: int,
+    warmup: int,
+    threads: int | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
+) -> None:
     """Time a PACKAGE against ONNX Runtime on its own graph, in the same run (a ratio).
 
     Emulated (aarch64) packages: executed instructions per inference under qemu instead.
-    The result is saved as PACKAGE/bench.json (for `edgecc report`)."""
+    The result is saved as PACKAGE/bench.json (for `edgecc report`).
+    With --rpc-tracker/--rpc-key: timed on a board (no ratio), its outputs checked."""
     from edgecc.package import Package
     from edgecc.report.variants import save_bench
 
+    if rpc_tracker or rpc_key:
+        from edgecc.commands.rpc import bench_on_board
+
+        bench_on_board(Package(package), rpc_tracker, rpc_key, repeat, warmup, threads)
+        return
     pkg = Package(package)
     res = pkg.benchmark(repeat, warmup, threads)
     save_bench(pkg, res)
@@ -588,8 +616,10 @@ def passes_cmd() -> None:
 
 
 from edgecc.commands.report import report_cmd  # noqa: E402  (needs the helpers above)
+from edgecc.commands.rpc import rpc_group  # noqa: E402  (it imports this module's helpers)
 
 cli.add_command(report_cmd)
+cli.add_command(rpc_group)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,10 @@ from edgecc.targets import Target
 log = logging.getLogger(__name__)
 
 RUNNER = Path(__file__).with_name("_runner.py")
+RPC_SERVER = Path(__file__).with_name("rpc_server.py")  # the board's RPC server (standalone)
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
-__all__ = ["RUNNER", "host_arch", "is_emulated", "prepare_emulator", "run_library"]
+__all__ = ["RPC_SERVER", "RUNNER", "host_arch", "is_emulated", "prepare_emulator", "run_library"]
 
 
 def host_arch() -> str:

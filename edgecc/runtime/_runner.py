@@ -352,18 +352,25 @@ def ordered_inputs(arrays, manifest):
 
 def _time(vm, device, device_kind, args, repeat, warmup):
     """Timing statistics (milliseconds) of ``repeat`` calls of ``main`` after ``warmup`` calls."""
-    import numpy as np
     import tvm
 
     for _ in range(warmup):
         vm["main"](*args)
     result = vm.time_evaluator("main", device, number=1, repeat=repeat)(*args)
     times = [float(t) * 1e3 for t in result.results]
+    return timing_stats(times, warmup, int(tvm.runtime.num_threads()), device_kind)
+
+
+def timing_stats(times, warmup, threads, device_kind):
+    """The timing report of samples ``times`` (milliseconds, in order); edgecc's RPC bench
+    reports board timings with the same fields."""
+    import numpy as np
+
     q1, median, q3 = (float(q) for q in np.percentile(times, [25, 50, 75]))
     return {
-        "repeat": repeat,
+        "repeat": len(times),
         "warmup": warmup,
-        "threads": int(tvm.runtime.num_threads()),
+        "threads": threads,
         "device": device_kind,
         "median_ms": median,
         "q1_ms": q1,
