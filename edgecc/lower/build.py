@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from edgecc import interrupt
 from edgecc.errors import ToolchainError
 from edgecc.lower import cuda, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
+from edgecc.lower.int8 import Int8Log, integer_lowering_passes
 from edgecc.lower.schedules import CpuParams, ScheduleCoverage, schedules_enabled
 from edgecc.targets import Target
 
@@ -111,9 +112,10 @@ def lower(
 
     tvm_target = tvm_target_of(target)
     coverage = ScheduleCoverage()
+    int8_log = Int8Log()
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules))(mod)
+        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules), int8_log)(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
@@ -126,6 +128,7 @@ def lower(
     if target.device == "cpu":
         details["schedules"] = coverage.summary()
         details["schedule_rules"] = "on" if schedules_enabled(schedules) else "off"
+        details["int8_ops"] = [asdict(d) for d in int8_log.decisions]
     notes: list[str] = []
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
@@ -262,8 +265,17 @@ def _failed_op(printed: str) -> str | None:
     return None
 
 
-def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: bool = True):
+def _pipeline(
+    tvm_target,
+    target: Target,
+    coverage: ScheduleCoverage,
+    rules: bool = True,
+    int8_log: Int8Log | None = None,
+):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
+
+    On CPU the integer lowering of QDQ graphs (:mod:`edgecc.lower.int8`, decisions recorded in
+    ``int8_log``) runs first, with or without the rules: it is a graph rewrite, not a schedule.
 
     CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
@@ -279,6 +291,7 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: boo
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     params = CpuParams.of(target)
+    head = [*head, *integer_lowering_passes(int8_log)]
     if not rules:
         return tvm.transform.Sequential(
             [
