@@ -186,8 +186,6 @@ def integer_anchors_pass(log_to: Int8Log | None = None) -> Any:
             if out_shape is None:
                 return "dynamic shapes"
             if kind == "matmul":
-                if dequantized(call.args[1], self.var2val) is None:
-                    return "the weight is not read through DequantizeLinear"
                 wshape = shape_of(call.args[1])
                 if wshape is None or len(wshape) != 2:
                     return "the weight is not a 2-D constant"
