@@ -55,6 +55,7 @@ from edgecc.lower.int8.qparams import (
     constant_value,
     dequantized,
     int8_weight,
+    int32_bias,
     op_name,
     shape_of,
 )
@@ -99,6 +100,24 @@ class _Anchor:
     scale: np.ndarray  # float32 per channel
     channel_shape: tuple[int, ...]  # how a per-channel vector broadcasts against the output
     decision: Decision
+
+
+def _integer_bias(
+    expr: Any, var2val: Any, value: np.ndarray, scale: np.ndarray
+) -> np.ndarray | None:
+    """``bias / S`` as integers when exact: an int32 QDQ bias whose scale is ``S`` (to 1e-6
+    relative: the same float32 product up to how it was rounded), or a float bias that is an
+    integer multiple of ``S``; else None (the bias stays a float add)."""
+    quantized = int32_bias(expr, var2val)
+    if quantized is not None and quantized[0].size == scale.size:
+        b, s = quantized
+        if np.allclose(s, scale, rtol=1e-6, atol=0):
+            return b.astype(np.int64)
+    ratio = value.astype(np.float64) / scale
+    integer = np.round(ratio)
+    if np.abs(ratio - integer).max() > 1e-3 or np.abs(integer).max() >= 2**30:
+        return None
+    return integer.astype(np.int64)
 
 
 def _uses(func: Any) -> dict[Any, int]:
@@ -268,12 +287,14 @@ def integer_anchors_pass(log_to: Int8Log | None = None) -> Any:
                     value = np.broadcast_to(value, anchor.channel_shape).reshape(-1)
                 except ValueError:
                     return None
-                ratio = value.astype(np.float64) / anchor.scale
-                integer = np.round(ratio)
-                if np.abs(ratio - integer).max() > 1e-3 or np.abs(integer).max() >= 2**30:
+                integer = _integer_bias(call.args[other], self.var2val, value, anchor.scale)
+                if integer is None:
                     return None
                 anchor.decision.detail += ", int32 bias"
-                offset = integer.astype(np.int64).astype(np.int32) - anchor.comp
+                offset = integer - anchor.comp
+                if np.abs(offset).max() >= 2**31 - 2**24:  # keep acc + offset inside int32
+                    return None
+                offset = offset.astype(np.int32)
                 return self._epilogue(anchor, offset)
             return None
 

@@ -213,3 +213,19 @@ def int8_weight(expr: Any, var2val: Any, out_axis: int) -> Int8Weight | str:
     else:
         return "weight scales vary along an axis other than the output channels"
     return Int8Weight(np.ascontiguousarray(centred.astype(np.int8)), scale)
+
+
+def int32_bias(expr: Any, var2val: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(b, scale)`` (flat, one per channel) when ``expr`` is ``dequantize`` of an int32
+    constant with zero point 0 (the QDQ bias convention), behind any reshapes; else None."""
+    call = bound(expr, var2val)
+    while op_name(call) in ("relax.reshape", "relax.expand_dims"):
+        call = bound(call.args[0], var2val)
+    if op_name(call) != "relax.dequantize" or dtype_of(call.args[0]) != "int32":
+        return None
+    b = constant_value(call.args[0], var2val)
+    s = constant_value(call.args[1], var2val)
+    z = constant_value(call.args[2], var2val)
+    if b is None or s is None or z is None or np.any(z != 0) or b.ndim > 1:
+        return None
+    return b.reshape(-1), np.broadcast_to(s.reshape(-1), b.reshape(-1).shape)
