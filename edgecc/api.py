@@ -45,7 +45,7 @@ Progress = Callable[[str], None]
 # behind Transpose/Cast chains and compute zero biases from Shape; folding them first lets the
 # compression passes see plain constant weights. expand-rnn unrolls LSTM/GRU/RNN (TVM cannot
 # import them) before any pass (dynamic-quant, lowrank) looks for MatMul weights.
-CLEANUP_PASSES = "fold-constants,expand-rnn,remove-identity,eliminate-dead"
+CLEANUP_PASSES = "fold-constants,expand-rnn,qlinear-to-qdq,remove-identity,eliminate-dead"
 
 
 def _versions() -> dict[str, str]:

@@ -355,10 +355,11 @@ def test_dump_files_load_and_rows_agree_with_graphs(
         "000_input",
         "001_fold-constants",
         "002_expand-rnn",
-        "003_remove-identity",
-        "004_eliminate-dead",
-        "005_fold-bn",
-        "006_prune",
+        "003_qlinear-to-qdq",
+        "004_remove-identity",
+        "005_eliminate-dead",
+        "006_fold-bn",
+        "007_prune",
     ]
     assert [r["step"] for r in rows] == steps
     assert (dumps / "summary.tsv").read_text().splitlines()[0].startswith("step\tpass")
