@@ -85,7 +85,8 @@ def constant_value(expr: Any, var2val: Any, depth: int = 0) -> np.ndarray | None
 
     expr = bound(expr, var2val)
     if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy()
+        value = expr.value
+        return value.numpy() if hasattr(value, "numpy") else None
     if not isinstance(expr, relax.Call) or depth > 16:
         return None
     name = op_name(expr)
