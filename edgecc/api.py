@@ -45,7 +45,7 @@ Progress = Callable[[str], None]
 # behind Transpose/Cast chains and compute zero biases from Shape; folding them first lets the
 # compression passes see plain constant weights. expand-rnn unrolls LSTM/GRU/RNN (TVM cannot
 # import them) before any pass (dynamic-quant, lowrank) looks for MatMul weights.
-CLEANUP_PASSES = "fold-constants,expand-rnn,remove-identity,eliminate-dead"
+CLEANUP_PASSES = "fold-constants,expand-rnn,qlinear-to-qdq,remove-identity,eliminate-dead"
 
 
 def _versions() -> dict[str, str]:
@@ -235,7 +235,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
                 **lib.details,
             },
             "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
-            "int8_execution": tgt.int8_execution,
+            "int8_execution": _int8_execution(final, tgt, lib.details),
             "check": check_rule(final, expected),
         }
         write_json(staging / MANIFEST, manifest)
@@ -279,6 +279,15 @@ def _gate_agreement(agreement: Mapping[str, Any], min_cosine: float | None, pipe
         )
     if not cos >= WARN_COSINE:
         logger.warning("warning: %s is below %s: the passes changed the outputs", text, WARN_COSINE)
+
+
+def _int8_execution(model: onnx.ModelProto, tgt: Any, details: Mapping[str, Any]) -> Any:
+    """Per quantized layer, integer or float (CPU builds record it); else the target's line."""
+    if "int8_ops" not in details:
+        return tgt.int8_execution
+    from edgecc.lower.int8.layers import int8_execution
+
+    return int8_execution(model, details["int8_ops"], details.get("schedules"))
 
 
 def load(path: str | Path) -> Package:

@@ -543,7 +543,7 @@ def inspect_cmd(package: Path) -> None:
             + (f", CUDA code: {lib['cuda_code']}" if lib.get("cuda_code") else ""),
             *(f"note      {n}" for n in lib.get("notes", [])),
             f"sizes     {_sizes(r)}",
-            *([f"int8      {m['int8_execution']}"] if pkg.uses_int8() else []),
+            *(_int8_lines(m["int8_execution"]) if pkg.uses_int8() else []),
             f"check     {_rule_text(m.get('check'))}",
             "versions  " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
             "",
@@ -553,6 +553,12 @@ def inspect_cmd(package: Path) -> None:
         ]
     )
     _emit({"manifest": m, "report": r}, text)
+
+
+def _int8_lines(execution: Any) -> list[str]:
+    from edgecc.lower.int8.layers import compact_lines
+
+    return [f"int8      {line}" for line in compact_lines(execution)]
 
 
 def _rule_text(rule: dict[str, Any] | None) -> str:

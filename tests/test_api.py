@@ -37,7 +37,7 @@ def test_compile_module_load_and_run(net: torch.nn.Module, tmp_path: Path) -> No
     x = torch.randn(1, 3, 16, 16)
     pkg = edgecc.compile(net, "x86", example_inputs=(x,), passes="fold-bn", out=tmp_path / "pkg")
     assert pkg.manifest["pipeline"] == (
-        "fold-constants,expand-rnn,remove-identity,eliminate-dead,fold-bn"
+        "fold-constants,expand-rnn,qlinear-to-qdq,remove-identity,eliminate-dead,fold-bn"
     )
     assert pkg.report["stats"]["final"]["nodes"] < pkg.report["stats"]["input"]["nodes"]
     (name,) = pkg.input_names

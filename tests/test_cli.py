@@ -356,10 +356,11 @@ def test_dump_files_load_and_rows_agree_with_graphs(
         "000_input",
         "001_fold-constants",
         "002_expand-rnn",
-        "003_remove-identity",
-        "004_eliminate-dead",
-        "005_fold-bn",
-        "006_prune",
+        "003_qlinear-to-qdq",
+        "004_remove-identity",
+        "005_eliminate-dead",
+        "006_fold-bn",
+        "007_prune",
     ]
     assert [r["step"] for r in rows] == steps
     assert (dumps / "summary.tsv").read_text().splitlines()[0].startswith("step\tpass")
@@ -374,8 +375,8 @@ def test_dump_files_load_and_rows_agree_with_graphs(
         )
         assert (dumps / f"{row['step']}.txt").read_text().count("\n") > row["nodes"]
     by_step = {r["step"]: r for r in rows}
-    assert by_step["005_fold-bn"]["cosine"] > 0.999999  # exact
-    assert by_step["006_prune"]["macs"] < 0.75 * by_step["005_fold-bn"]["macs"]
+    assert by_step["006_fold-bn"]["cosine"] > 0.999999  # exact
+    assert by_step["007_prune"]["macs"] < 0.75 * by_step["006_fold-bn"]["macs"]
     report = json.loads((tmp_path / "pkg" / "report.json").read_text())
     assert [r["step"] for r in report["passes"]] == steps
 

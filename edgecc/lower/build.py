@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from edgecc import interrupt
 from edgecc.errors import ToolchainError
 from edgecc.lower import cuda, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
+from edgecc.lower.int8 import Int8Log, integer_lowering_passes
+from edgecc.lower.int8.layers import assign_kernels, record_kernels_pass
 from edgecc.lower.schedules import CpuParams, ScheduleCoverage, schedules_enabled
 from edgecc.targets import Target
 
@@ -111,9 +113,13 @@ def lower(
 
     tvm_target = tvm_target_of(target)
     coverage = ScheduleCoverage()
+    int8_log = Int8Log()
+    int8_kernel_calls: list[str] = []
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules))(mod)
+        mod = _pipeline(
+            tvm_target, target, coverage, schedules_enabled(schedules), int8_log, int8_kernel_calls
+        )(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
@@ -126,6 +132,8 @@ def lower(
     if target.device == "cpu":
         details["schedules"] = coverage.summary()
         details["schedule_rules"] = "on" if schedules_enabled(schedules) else "off"
+        details["int8_ops"] = [asdict(d) for d in int8_log.decisions]
+        assign_kernels(details["int8_ops"], int8_kernel_calls)
     notes: list[str] = []
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
@@ -262,8 +270,19 @@ def _failed_op(printed: str) -> str | None:
     return None
 
 
-def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: bool = True):
+def _pipeline(
+    tvm_target,
+    target: Target,
+    coverage: ScheduleCoverage,
+    rules: bool = True,
+    int8_log: Int8Log | None = None,
+    int8_kernels: list[str] | None = None,
+):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
+
+    On CPU the integer lowering of QDQ graphs (:mod:`edgecc.lower.int8`, decisions recorded in
+    ``int8_log``) runs first, with or without the rules: it is a graph rewrite, not a schedule;
+    the fused integer kernels are listed in ``int8_kernels``, in call order.
 
     CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
@@ -279,12 +298,15 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: boo
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     params = CpuParams.of(target)
+    head = [*head, *integer_lowering_passes(int8_log)]
+    kernels = record_kernels_pass(int8_kernels if int8_kernels is not None else [])
     if not rules:
         return tvm.transform.Sequential(
             [
                 *head,
                 *cpu.library_dispatch_passes(tvm_target),
                 *cpu.legalize_passes(tvm_target),
+                kernels,
                 *cpu.dataflow_lower_passes(tvm_target),
                 *cpu.finalize_passes(tvm_target),
             ]
@@ -295,6 +317,7 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: boo
             *cpu.library_dispatch_passes(tvm_target),
             *schedules.pre_legalize_passes(params),
             *cpu.legalize_passes(tvm_target),
+            kernels,
             schedules.apply_schedules(params, coverage),
             *schedules.post_schedule_passes(params),
             *cpu.dataflow_lower_passes(tvm_target),

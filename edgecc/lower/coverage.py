@@ -32,7 +32,14 @@ STANDARD_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 # The importer handles these outside its converter map.
 BUILTIN_OPS = frozenset({"If", "Constant"})
 # Ops TVM's importer lacks that an edgecc pass expands into convertible ops: op -> pass name.
-EXPANDED_BY = {"LSTM": "expand-rnn", "GRU": "expand-rnn", "RNN": "expand-rnn"}
+EXPANDED_BY = {
+    "LSTM": "expand-rnn",
+    "GRU": "expand-rnn",
+    "RNN": "expand-rnn",
+    **dict.fromkeys(
+        ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"), "qlinear-to-qdq"
+    ),
+}
 _CONSTANT_ATTRS = {
     "value_float": np.float32,
     "value_floats": np.float32,

@@ -29,7 +29,8 @@ class Target:
         cuda_arch: the CUDA architecture (``sm_87``) for GPU targets.
         runtime_needs: what the device must have to load the package.
         precisions: precisions the target can run (``fp32``, ``int8``...).
-        int8_execution: how int8 (QDQ) graphs execute on this target today.
+        int8_execution: how int8 (QDQ) graphs execute on this target (a package's manifest
+            says it per layer).
         default_passes: the pipeline text used when the user gives no ``--passes`` (the
             cleanup passes of :data:`edgecc.api.CLEANUP_PASSES` run before it either way).
         aliases: other names accepted on the command line.
@@ -52,8 +53,8 @@ class Target:
     runtime_needs: str = ""
     precisions: tuple[str, ...] = ("fp32", "int8")
     int8_execution: str = (
-        "QDQ lowered by TVM Relax to float arithmetic around float kernels "
-        "(no integer kernels yet); weights are stored as float32 in the library"
+        "QDQ Conv/ConvTranspose/Gemm/MatMul run as integer kernels (int8/uint8 operands, int32 "
+        "accumulation, requantize fused); weights are stored as int8 in the library"
     )
     default_passes: str = "fold-bn,shape-inference"
     aliases: tuple[str, ...] = field(default=())

@@ -43,6 +43,10 @@ def _jetson(
                 "Python 3.11 and a CUDA-enabled TVM runtime built on the board"
             ),
             precisions=("fp32", "int8"),
+            int8_execution=(
+                "QDQ lowered by TVM Relax to float arithmetic around float kernels (the integer "
+                "lowering runs on CPU targets only); weights are stored as float32"
+            ),
             aliases=aliases,
         )
     )
