@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/models.py holds the reference architectures
 
 from edgecc.datasets import fashion_mnist  # noqa: E402
-from edgecc.evaluate import (  # noqa: E402
+from edgecc.evaluation import (  # noqa: E402
     accuracy,
     embedding_cosines,
     run_batched,
@@ -401,7 +401,7 @@ def section_minilm(work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     }
     with torch.no_grad():
         tokens = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
-    from edgecc.evaluate import mean_pool
+    from edgecc.evaluation import mean_pool
 
     torch_cos = embedding_cosines(mean_pool(tokens, feeds["attention_mask"]), fp32)
     result["onnx_vs_torch_cosine_min"] = float(torch_cos.min())
@@ -436,7 +436,7 @@ def torch_lowrank_cosines(encoder: Any, feeds: dict[str, np.ndarray], energy: fl
 
     import torch
 
-    from edgecc.evaluate import mean_pool
+    from edgecc.evaluation import mean_pool
 
     inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     truncated = copy.deepcopy(encoder)
