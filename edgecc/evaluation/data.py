@@ -106,9 +106,7 @@ class EvalData:
         if count < 1:
             raise UserInputError(f"--samples must be >= 1, got {count}")
         labels = None if self.labels is None else self.labels[:count]
-        return EvalData(
-            f"{self.description}[:{count}]", count, labels, self._reader, self.inputs
-        )
+        return EvalData(f"{self.description}[:{count}]", count, labels, self._reader, self.inputs)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Batches of ``batch_size`` samples (the last may be short), read lazily."""
@@ -238,9 +236,10 @@ def _folder(path: Path, inputs: Sequence[InputInfo]) -> EvalData:
             samples.append(sample)
         return {spec.name: np.stack(samples)}
 
-    kinds = sorted({f.suffix.lower() for f in files})
+    kinds = "/".join(sorted({f.suffix.lower() for f in files}))
+    labelled = ", labelled" if labels is not None else ""
     return EvalData(
-        f"{path} ({len(files)} {'/'.join(kinds)} files{', labelled' if labels is not None else ''})",
+        f"{path} ({len(files)} {kinds} files{labelled})",
         len(files),
         labels,
         read,

@@ -104,9 +104,7 @@ class OnnxRunner:
             return dict(zip(self.output_names, self._sess.run(None, dict(feeds)), strict=True))
         padded, n = _pad(feeds, self.fixed)
         parts = [
-            self._sess.run(
-                None, {k: a[s : s + self.fixed] for k, a in padded.items()}
-            )
+            self._sess.run(None, {k: a[s : s + self.fixed] for k, a in padded.items()})
             for s in range(0, len(next(iter(padded.values()))), self.fixed)
         ]
         return {
