@@ -99,6 +99,9 @@ def open_model(model: Any, options: ModelOptions | None = None) -> Opened:
         return Opened(OnnxRunner(model), "ONNX graph", source=True)
     if options.target is not None:
         logger.warning("--target applies to packages only; %s is run by ONNX Runtime", model)
+    direct = _batch_dynamic_onnx(model, options)
+    if direct is not None:
+        return Opened(OnnxRunner(direct), str(model), source=True)
     loaded = options.load(model)
     return Opened(
         OnnxRunner(loaded.model),
@@ -106,6 +109,24 @@ def open_model(model: Any, options: ModelOptions | None = None) -> Opened:
         source=True,
         extra={"source_format": loaded.source_format},
     )
+
+
+def _batch_dynamic_onnx(model: Any, options: ModelOptions) -> onnx.ModelProto | None:
+    """An ``.onnx`` file whose inputs are static but for the batch axis, read as it is (the
+    frontend would want ``--input-shape`` to fix the batch); None for anything else."""
+    if not isinstance(model, (str, Path)) or Path(model).suffix != ".onnx" or options.input_shapes:
+        return None
+    from edgecc.frontend.onnx_io import read_onnx
+
+    graph = read_onnx(Path(model))
+    inits = {t.name for t in graph.graph.initializer}
+    for vi in graph.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param or any(not d.HasField("dim_value") for d in dims[1:]):
+            return None
+    return graph
 
 
 def _package_source(opened: Opened, options: ModelOptions) -> Opened | None:
