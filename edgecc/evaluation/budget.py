@@ -23,10 +23,10 @@ sensitive layers are exempted, with ``k`` the smallest count meeting the budget:
 ``k`` is found by bisection over ``0..n`` (``n`` the layers the pass changes), evaluating the
 whole pipeline after the pass at each step, so every figure is measured, not estimated; it
 assumes exempting more layers does not hurt (it is checked at ``k = 0`` and ``k = n``; a
-non-monotone case gives a ``k`` that meets the budget, perhaps not the smallest). When even
-``k = n`` (the pass changing nothing) misses the budget, because other passes cost more than it,
-compilation stops with :class:`~edgecc.errors.CheckFailedError` (exit code 4) and no package,
-as ``--min-cosine`` does.
+non-monotone case gives a ``k`` that meets the budget, perhaps not the smallest). ``k = n`` is
+measured first: when even that (the pass changing nothing) misses the budget, because the
+other passes cost more than it, compilation stops with
+:class:`~edgecc.errors.CheckFailedError` (exit code 4) and no package, as ``--min-cosine`` does.
 
 Without ``--max-drop``, ``--data`` only measures: the manifest records the accuracy.
 """
@@ -44,7 +44,7 @@ from edgecc.errors import CheckFailedError, UserInputError
 from edgecc.evaluation.core import DEFAULT_BATCH, CachedReference, Metric, run_evaluation
 from edgecc.evaluation.data import EvalData
 from edgecc.evaluation.runners import OnnxRunner
-from edgecc.evaluation.sensitivity import layer_sensitivity
+from edgecc.evaluation.sensitivity import layer_names, layer_sensitivity
 from edgecc.passes.manager import PassContext, PassManager, PassSpec
 
 logger = logging.getLogger(__name__)
@@ -175,36 +175,40 @@ def fit_budget(
         )
     spec = effective[idx]
     graph = PassManager(effective[:idx]).run(model, ctx) if idx else model
+    rest = effective[idx + 1 :]
+    results: dict[frozenset[str], float] = {}
+
+    def drop(exempted: Sequence[str]) -> float:
+        key = frozenset(exempted)
+        if key not in results:
+            out = PassManager([exempt(spec, list(exempted)), *rest]).run(graph, ctx)
+            results[key] = base["value"] - budget.measure(out, f"{len(key)} exempt")
+            budget.trials.append({"exempt": len(key), "drop": results[key]})
+            say(f"budget: {len(key)} {spec.name} layers exempt: drop {results[key]:.4g}")
+        return results[key]
+
+    probe = PassManager([spec])
+    probe.run(graph, ctx)
+    every = layer_names(spec.name, probe.records[-1].info)
+    if drop(every) > max_drop:  # checked first: no ranking is worth computing then
+        raise CheckFailedError(
+            f"--max-drop {max_drop}: the drop is {results[frozenset(every)]:.4g} "
+            f"{_unit(base['metric'])} even with all {len(every)} layers of {spec.name} exempt "
+            "(the other passes cost that much); no package written"
+        )
     sens = layer_sensitivity(
         graph, spec, data, ctx, metric, batch_size, None, "pipeline before " + spec.name, say
     )
     ranking = [r["layer"] for r in sens["layers"]]
     budget.sensitivity = sens
-    rest = effective[idx + 1 :]
-    results: dict[int, float] = {}
-
-    def drop(k: int) -> float:
-        if k not in results:
-            out = PassManager([exempt(spec, ranking[:k]), *rest]).run(graph, ctx)
-            results[k] = base["value"] - budget.measure(out, f"{k} exempt")
-            budget.trials.append({"exempt": k, "drop": results[k]})
-            say(f"budget: {k} of {len(ranking)} layers exempt: drop {results[k]:.4g}")
-        return results[k]
-
     n = len(ranking)
-    if drop(0) <= max_drop:
+    if drop([]) <= max_drop:
         k = 0
-    elif drop(n) > max_drop:
-        raise CheckFailedError(
-            f"--max-drop {max_drop}: the drop is {results[n]:.4g} {_unit(base['metric'])} even "
-            f"with all {n} layers of {spec.name} exempt (the other passes cost that much); "
-            "no package written"
-        )
     else:
         lo, hi = 0, n  # drop(lo) > max_drop >= drop(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if drop(mid) <= max_drop else (mid, hi)
+            lo, hi = (lo, mid) if drop(ranking[:mid]) <= max_drop else (mid, hi)
         k = hi
     chosen = ranking[:k]
     new = exempt(spec, chosen)
@@ -214,7 +218,7 @@ def fit_budget(
     else:
         budget.spared = [{"layer": layer, "ratio": 0.0} for layer in chosen]
     say(
-        f"budget: {k} of {n} {spec.name} layers exempt, drop {results[k]:.4g} "
+        f"budget: {k} of {n} {spec.name} layers exempt, drop {drop(chosen):.4g} "
         f"{_unit(base['metric'])} (max {max_drop})"
     )
     return budget
