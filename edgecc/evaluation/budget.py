@@ -226,3 +226,57 @@ def fit_budget(
 
 def _unit(metric: str) -> str:
     return "points" if metric in ("top1", "top5") else "(1 - cosine)"
+
+
+def fit(
+    model: Any,
+    passes: str,
+    data: Any,
+    *,
+    calib: str | None = None,
+    calib_samples: int | None = None,
+    metric: Metric = None,
+    max_drop: float | None = None,
+    target: Any = None,
+    input_shapes: Sequence[Any] | None = None,
+    trust_code: bool = False,
+    example_inputs: Any = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[dict[str, Any], onnx.ModelProto]:
+    """What ``compile --data --max-drop`` does before lowering, as a function: load ``model``,
+    fit ``passes`` (after the cleanup passes) to the budget and measure the final graph.
+
+    Returns:
+        ``(record, graph)``: the manifest entries (``accuracy``, ``kept_float``/``spared``,
+        ``sensitivity``) plus ``pipeline``, ``trials`` and ``seconds``; and the final graph.
+    """
+    import time
+
+    from edgecc.api import CLEANUP_PASSES
+    from edgecc.evaluation.core import ModelOptions
+    from edgecc.evaluation.data import open_data
+    from edgecc.passes import format_pipeline, parse_pipeline
+    from edgecc.targets import Target, get_target
+
+    start = time.perf_counter()
+    loaded = ModelOptions(input_shapes, trust_code, None, None, example_inputs).load(model)
+    tgt = target if target is None or isinstance(target, Target) else get_target(str(target))
+    ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed)
+    if calib is not None:
+        from edgecc.passes.calibration import load_calibration
+
+        ctx.calibration, ctx.calibration_source = load_calibration(
+            calib, loaded.inputs, limit=calib_samples, seed=seed
+        )
+    specs = parse_pipeline(CLEANUP_PASSES) + parse_pipeline(passes)
+    bound = open_data(data, OnnxRunner(loaded.model).inputs)
+    budget = fit_budget(loaded.model, specs, ctx, bound, metric, max_drop, progress=progress)
+    final = PassManager(budget.specs).run(loaded.model, ctx)
+    record = {
+        "pipeline": format_pipeline(budget.specs),
+        **budget.record(final),
+        "trials": budget.trials,
+        "seconds": time.perf_counter() - start,
+    }
+    return record, final
