@@ -210,6 +210,7 @@ def test_compile_max_drop_errors(
 
 
 @pytest.mark.slow
+@pytest.mark.emulation
 def test_eval_rpi4_package_under_emulation(work: dict, tmp_path: Path) -> None:
     """An aarch64 package runs its stacked batches in one emulated process."""
     root = work["root"]
