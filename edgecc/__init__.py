@@ -5,15 +5,22 @@ The Python API::
     import edgecc
     pkg = edgecc.compile("model.pt", target="rpi4", input_shapes=["x:1x3x224x224"], out="build/m")
     outputs = edgecc.load("build/m").run({"x": x})
+    edgecc.evaluate("build/m", "test.npz")["top1"]
 """
 
 __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["Package", "__version__", "compile", "load", "report"]
+__all__ = ["Package", "__version__", "compile", "evaluate", "load", "report", "sensitivity"]
 
-_LAZY = {"compile": "edgecc.api", "load": "edgecc.api", "Package": "edgecc.package"}
+_LAZY = {
+    "compile": "edgecc.api",
+    "load": "edgecc.api",
+    "Package": "edgecc.package",
+    "evaluate": "edgecc.evaluation.core",
+    "sensitivity": "edgecc.evaluation.sensitivity",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -103,6 +103,9 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     probe: str | Path | Mapping[str, np.ndarray] | None = None,
     min_cosine: float | None = None,
     progress: Progress | None = None,
+    data: Any = None,
+    metric: Any = None,
+    max_drop: float | None = None,
 ) -> Package:
     """Compile a model for a target into a package folder at ``out``.
 
@@ -133,12 +136,19 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             when the final graph's cosine against the source model's float reference on the
             probe is below this; below 0.99 a warning is logged either way.
         progress: called with one-line progress messages.
+        data: labelled (or unlabelled) data to measure the accuracy on, as for
+            :func:`edgecc.evaluate`; recorded in the manifest's ``accuracy``.
+        metric: ``top1``, ``top5``, ``agreement`` (default: ``top1`` with labels).
+        max_drop: the accuracy budget (needs ``data``): exempt the most sensitive layers of the
+            qdq (else prune, else lowrank) pass until the drop is at most this
+            (:mod:`edgecc.evaluation.budget`).
 
     Returns:
         The written :class:`Package`.
 
     Raises:
-        CheckFailedError: the agreement with the source is below ``min_cosine``.
+        CheckFailedError: the agreement with the source is below ``min_cosine``, or the
+            ``max_drop`` budget cannot be met.
     """
     from edgecc.frontend import load_model
     from edgecc.lower import check_coverage, check_toolchain, lower
@@ -163,6 +173,10 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     if cleanup:
         specs = parse_pipeline(CLEANUP_PASSES) + specs
     check_toolchain(tgt)  # a missing compiler fails before any export or pass
+    if max_drop is not None and data is None:
+        from edgecc.errors import UserInputError
+
+        raise UserInputError("--max-drop needs --data (the data to measure the drop on)")
     out = Path(out)
 
     with staged_output(out) as staging:
@@ -191,6 +205,19 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             ctx.calibration, ctx.calibration_source = load_calibration(
                 calib, loaded.inputs, limit=calib_samples, seed=seed
             )
+        budget = None
+        if data is not None:
+            from edgecc.evaluation.budget import fit_budget
+            from edgecc.evaluation.data import open_data
+            from edgecc.evaluation.runners import OnnxRunner
+
+            bound = open_data(data, OnnxRunner(loaded.model).inputs)
+            budget = fit_budget(
+                loaded.model, specs, ctx, bound, metric, max_drop, manager.disabled, progress=say
+            )
+            if budget.specs != specs:
+                specs = budget.specs
+                manager = PassManager(specs, instruments, disabled=disable_passes)
         effective = manager.effective
         say(f"running {len(effective)} passes: {format_pipeline(effective) or '(none)'}")
         final = manager.run(loaded.model, ctx)  # lower() checks coverage again before TVM
@@ -213,6 +240,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "target": tgt.to_dict(),
             "source": {
                 "format": loaded.source_format,
+                "path": str(Path(model).resolve()) if isinstance(model, (str, Path)) else None,
                 "sha256": loaded.source_sha256,
                 "reference": loaded.reference_source,
                 "probe": _probe_text(probe),
@@ -237,6 +265,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
             "int8_execution": _int8_execution(final, tgt, lib.details),
             "check": check_rule(final, expected),
+            **(budget.record(final) if budget is not None else {}),
         }
         write_json(staging / MANIFEST, manifest)
         rows = dump.rows

@@ -115,6 +115,62 @@ def _target_names() -> str:
     return ", ".join(t.name for t in all_targets())
 
 
+def _model_options(command: Any) -> Any:
+    """How to load a model: ``--input-shape``, ``--trust-code``, ``--input-value`` (compile, eval,
+    sensitivity share them; the command receives ``input_shapes``, ``trust_code`` and
+    ``input_values``)."""
+    options = [
+        click.option(
+            "--input-shape",
+            "input_shapes",
+            multiple=True,
+            metavar="NAME:1x3x224x224[:DTYPE]",
+            help="Input name, shape and dtype where the model does not record them (repeatable).",
+        ),
+        click.option(
+            "--trust-code",
+            "--trust-pickle",
+            "trust_code",
+            is_flag=True,
+            help="Load a file that runs its own code: a pickled nn.Module, pickled .pt2 members, "
+            "TorchScript calling file or network operators.",
+        ),
+        click.option(
+            "--input-value",
+            "input_values",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="Constant value of a non-tensor forward argument, e.g. sr=16000 (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _data_options(command: Any) -> Any:
+    """``--data`` and ``--metric`` (compile, eval, sensitivity)."""
+    options = [
+        click.option(
+            "--data",
+            metavar="DATA.npz|DIR|fashion-mnist|digits",
+            default=None,
+            help="Evaluation data: arrays named like the inputs plus 'labels', or a folder "
+            "(see README 'Evaluation').",
+        ),
+        click.option(
+            "--metric",
+            type=click.Choice(["top1", "top5", "agreement"]),
+            default=None,
+            help="top1/top5 in percent (needs labels) or agreement (cosine vs the float model) "
+            "[default: top1 with labels, else agreement].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command(
     "compile",
     epilog=_examples(
@@ -138,13 +194,7 @@ def _target_names() -> str:
     type=click.Path(path_type=Path),
     help="Package folder [default: build/<model>-<target>].",
 )
-@click.option(
-    "--input-shape",
-    "input_shapes",
-    multiple=True,
-    metavar="NAME:1x3x224x224[:DTYPE]",
-    help="Input name, shape and dtype where the model does not record them (repeatable).",
-)
+@_model_options
 @click.option(
     "--passes",
     default=None,
@@ -178,21 +228,6 @@ def _target_names() -> str:
     help="Input (.npy/.npz) the reference and per-pass comparisons use [default: seeded N(0,1)].",
 )
 @click.option(
-    "--trust-code",
-    "--trust-pickle",
-    "trust_code",
-    is_flag=True,
-    help="Load a file that runs its own code: a pickled nn.Module, pickled .pt2 members, "
-    "TorchScript calling file or network operators.",
-)
-@click.option(
-    "--input-value",
-    "input_values",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Constant value of a non-tensor forward argument, e.g. sr=16000 (repeatable).",
-)
-@click.option(
     "--seed",
     type=click.IntRange(min=0),
     default=0,
@@ -204,6 +239,15 @@ def _target_names() -> str:
     type=float,
     default=None,
     help="Exit 4 (no package) when the cosine vs the source model's float output is below this.",
+)
+@_data_options
+@click.option(
+    "--max-drop",
+    type=float,
+    default=None,
+    help="Accuracy budget on --data: keep the most sensitive qdq layers float (spare prune/"
+    "lowrank layers) until the drop is at most this (top1: points; agreement: 1 - cosine); "
+    "exit 4 if even all of them cannot.",
 )
 def compile_cmd(
     model: Path,
@@ -222,6 +266,9 @@ def compile_cmd(
     input_values: tuple[str, ...],
     seed: int,
     min_cosine: float | None,
+    data: str | None,
+    metric: str | None,
+    max_drop: float | None,
 ) -> None:
     """Compile MODEL (.pt, .pt2, .onnx) into a package for a target."""
     from edgecc.api import compile as compile_model
@@ -247,6 +294,9 @@ def compile_cmd(
         probe=probe,
         min_cosine=min_cosine,
         progress=_progress,
+        data=data,
+        metric=metric,
+        max_drop=max_drop,
     )
     rep, man = pkg.report, pkg.manifest
     rows = rep["passes"]
@@ -272,8 +322,28 @@ def compile_cmd(
             else ""
         )
         + "".join(f"\nnote: {n}" for n in man["library"].get("notes", []))
+        + _accuracy_text(man)
     )
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
+
+
+def _accuracy_text(manifest: dict[str, Any]) -> str:
+    """The accuracy lines of a compile with --data (and --max-drop)."""
+    acc = manifest.get("accuracy")
+    if not acc:
+        return ""
+    budget = f" (max {acc['max_drop']:g})" if acc.get("max_drop") is not None else ""
+    text = (
+        f"\n{acc['metric']} on {acc['samples']} samples: float {acc['float']:.6g}, final "
+        f"{acc['final']:.6g}, drop {acc['drop']:.4g}{budget}"
+    )
+    if "kept_float" in manifest:
+        kept = manifest["kept_float"]
+        text += f"\nkept float: {len(kept)} layers" + (f" ({', '.join(kept)})" if kept else "")
+    if "spared" in manifest:
+        spared = [s["layer"] for s in manifest["spared"]]
+        text += f"\nspared: {len(spared)} layers" + (f" ({', '.join(spared)})" if spared else "")
+    return text
 
 
 def _input_values(items: tuple[str, ...]) -> dict[str, Any]:
@@ -621,11 +691,15 @@ def passes_cmd() -> None:
     _emit({"passes": summary}, "\n".join(f"{n.ljust(width)}  {d}" for n, d in summary.items()))
 
 
-from edgecc.commands.report import report_cmd  # noqa: E402  (needs the helpers above)
-from edgecc.commands.rpc import rpc_group  # noqa: E402  (it imports this module's helpers)
+from edgecc.commands.eval import eval_cmd  # noqa: E402  (needs the helpers above)
+from edgecc.commands.report import report_cmd  # noqa: E402
+from edgecc.commands.rpc import rpc_group  # noqa: E402
+from edgecc.commands.sensitivity import sensitivity_cmd  # noqa: E402
 
+cli.add_command(eval_cmd)
 cli.add_command(report_cmd)
 cli.add_command(rpc_group)
+cli.add_command(sensitivity_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,10 @@ checked and the command that produced them). Sections:
              sentence embeddings vs fp32 on real sentences, parameters and bytes.
 ``tvm``      the Fashion-MNIST int8 model compiled for x86 by ``edgecc.compile``: TVM output vs
              ONNX Runtime on the same transformed ONNX graph (max abs diff).
+``budget``   ``edgecc.sensitivity`` on the Fashion-MNIST CNN (qdq, prune(ratio=0.5); wall time),
+             and the accuracy budget (``compile --max-drop``'s fitting,
+             :func:`edgecc.evaluation.budget.fit`) on all-MiniLM-L6-v2 static int8: embedding
+             cosine before/after, layers kept float, time.
 
 Usage::
 
@@ -44,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/models.py holds the reference architectures
 
 from edgecc.datasets import fashion_mnist  # noqa: E402
-from edgecc.evaluate import (  # noqa: E402
+from edgecc.evaluation import (  # noqa: E402
     accuracy,
     embedding_cosines,
     run_batched,
@@ -57,7 +61,7 @@ from edgecc.report.metrics import graph_stats  # noqa: E402
 
 logger = logging.getLogger("measure")
 
-SECTIONS = ("cnn", "fashion", "minilm", "tvm")
+SECTIONS = ("cnn", "fashion", "minilm", "tvm", "budget")
 METHODS = ("minmax", "percentile", "entropy")
 CALIB_SEED, HELDOUT_SEED = 1, 2
 CNN_CALIB_SAMPLES, CNN_HELDOUT_SAMPLES = 32, 64
@@ -109,9 +113,14 @@ def outputs_on(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndar
     return run_batched(session(model), inputs)
 
 
-def per_sample_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of each sample's output (samples on axis 0, everything else flattened)."""
-    return embedding_cosines(a.reshape(len(a), -1), b.reshape(len(b), -1))
+def agreement(
+    model: onnx.ModelProto, inputs: dict[str, np.ndarray], reference: onnx.ModelProto
+) -> dict[str, Any]:
+    """``edgecc.evaluate``'s agreement of ``model`` with ``reference`` on stacked ``inputs``:
+    per-sample cosine (mean, min; token outputs mean-pooled with the attention mask)."""
+    import edgecc
+
+    return edgecc.evaluate(model, inputs, reference=reference, metric="agreement")["agreement"]
 
 
 def stats(model: onnx.ModelProto) -> dict[str, int]:
@@ -174,8 +183,6 @@ def measure_cnn(name: str, work: Path) -> tuple[dict[str, Any], list[dict[str, A
         "seconds": round(secs, 2),
         "batchnorms_left": sum(n.op_type == "BatchNormalization" for n in folded.graph.node),
     }
-    fp32 = outputs_on(folded, heldout)
-
     pruned, secs = transform(folded, "prune(ratio=0.3)")
     p = stats(pruned)
     reduction = 1 - p["macs"] / result["fold_bn"]["macs"]
@@ -183,7 +190,7 @@ def measure_cnn(name: str, work: Path) -> tuple[dict[str, Any], list[dict[str, A
         **p,
         "mac_reduction": reduction,
         "seconds": round(secs, 2),
-        "cosine_vs_fp32_mean": float(per_sample_cosines(outputs_on(pruned, heldout), fp32).mean()),
+        "cosine_vs_fp32_mean": agreement(pruned, heldout, folded)["cosine"],
     }
     checks = [bound(f"{name}: prune(ratio=0.3) MAC reduction", reduction, MIN_PRUNE_MAC_REDUCTION)]
 
@@ -195,16 +202,18 @@ def measure_cnn(name: str, work: Path) -> tuple[dict[str, Any], list[dict[str, A
             q, secs = transform(
                 folded, f"qdq(method={method},activation={activation})", calibration, x86
             )
-            cos = per_sample_cosines(outputs_on(q, heldout), fp32)
+            agree = agreement(q, heldout, folded)
             key = f"{method}/{activation}"
             result["qdq"][key] = {
                 **stats(q),
-                "cosine_min": float(cos.min()),
-                "cosine_mean": float(cos.mean()),
+                "cosine_min": agree["cosine_min"],
+                "cosine_mean": agree["cosine"],
                 "seconds": round(secs, 2),
             }
             checks.append(
-                bound(f"{name}: qdq {key} min held-out cosine", float(cos.min()), MIN_INT8_COSINE)
+                bound(
+                    f"{name}: qdq {key} min held-out cosine", agree["cosine_min"], MIN_INT8_COSINE
+                )
             )
     return result, checks
 
@@ -248,6 +257,7 @@ def load_fashion() -> Any:
 
 
 def section_fashion(work: Path, retrain: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import edgecc
     from edgecc.targets import get_target
 
     ensure_fashion_model(retrain)
@@ -257,10 +267,17 @@ def section_fashion(work: Path, retrain: bool) -> tuple[dict[str, Any], list[dic
     rows: dict[str, Any] = {}
 
     def row(label: str, model: onnx.ModelProto, seconds: float = 0.0, **extra: Any) -> float:
-        acc = accuracy(model, test)
-        rows[label] = {**acc.as_dict(), **stats(model), "seconds": round(seconds, 2), **extra}
-        logger.info("fashion: %-40s %.2f%%", label, 100 * acc.accuracy)
-        return 100 * acc.accuracy
+        res = edgecc.evaluate(model, test)
+        acc = {
+            "dataset": test.name,
+            "correct": round(res["top1"] * res["samples"] / 100),
+            "total": res["samples"],
+            "accuracy_pct": round(res["top1"], 2),
+            "top5_pct": round(res["top5"], 2),
+        }
+        rows[label] = {**acc, **stats(model), "seconds": round(seconds, 2), **extra}
+        logger.info("fashion: %-40s %.2f%%", label, res["top1"])
+        return res["top1"]
 
     base, _ = transform(loaded.model, CLEANUP)
     fp32 = row("fp32", base)
@@ -334,7 +351,9 @@ def torch_masked_prune(test: Any, ratio: float = 0.3) -> float:
 # --- section: MiniLM -----------------------------------------------------------------------
 
 
-def load_minilm_encoder() -> tuple[Any, dict[str, np.ndarray], Path]:
+def load_minilm_encoder(
+    sentences: Sequence[str] = SENTENCES,
+) -> tuple[Any, dict[str, np.ndarray], Path]:
     """all-MiniLM-L6-v2 returning token embeddings, the tokenized sentences and its folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -347,7 +366,7 @@ def load_minilm_encoder() -> tuple[Any, dict[str, np.ndarray], Path]:
     bert = transformers.AutoModel.from_pretrained(str(path)).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     enc = tokenizer(
-        list(SENTENCES),
+        list(sentences),
         padding="max_length",
         truncation=True,
         max_length=MINILM_SEQ_LEN,
@@ -401,7 +420,7 @@ def section_minilm(work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     }
     with torch.no_grad():
         tokens = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
-    from edgecc.evaluate import mean_pool
+    from edgecc.evaluation import mean_pool
 
     torch_cos = embedding_cosines(mean_pool(tokens, feeds["attention_mask"]), fp32)
     result["onnx_vs_torch_cosine_min"] = float(torch_cos.min())
@@ -415,15 +434,15 @@ def section_minilm(work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for pipeline in ("lowrank(energy=0.9)", "dynamic-quant", "lowrank(energy=0.9),dynamic-quant"):
         model, secs = transform(base, pipeline)
         emb = sentence_embeddings(model, feeds)
-        cos = embedding_cosines(emb, fp32)
+        agree = agreement(model, feeds, base)  # mean-pooled with the attention mask
         result["rows"][pipeline] = {
             **stats(model),
-            "cosine_min": float(cos.min()),
-            "cosine_mean": float(cos.mean()),
+            "cosine_min": agree["cosine_min"],
+            "cosine_mean": agree["cosine"],
             "similarity_matrix_max_abs_diff": float(np.abs(pairwise(emb) - sim_ref).max()),
             "seconds": round(secs, 2),
         }
-        logger.info("minilm: %-40s cosine min %.5f", pipeline, cos.min())
+        logger.info("minilm: %-40s cosine min %.5f", pipeline, agree["cosine_min"])
     check = torch_lowrank_cosines(encoder, feeds, 0.9)
     result["torch_svd_energy_0.9_cosine_min"] = float(check.min())
     return result, checks
@@ -436,7 +455,7 @@ def torch_lowrank_cosines(encoder: Any, feeds: dict[str, np.ndarray], energy: fl
 
     import torch
 
-    from edgecc.evaluate import mean_pool
+    from edgecc.evaluation import mean_pool
 
     inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     truncated = copy.deepcopy(encoder)
@@ -544,6 +563,202 @@ def section_tvm(work: Path, retrain: bool) -> tuple[dict[str, Any], list[dict[st
     )
     result[f"batch {TVM_CHUNK}"][SAME] = bool(same)
     return result, []
+
+
+# --- section: sensitivity and accuracy budget ---------------------------------------------
+
+# Calibration and evaluation sentences for MiniLM's budget (written here: nothing downloaded).
+BUDGET_CALIB_SENTENCES = (
+    "The train to the airport leaves every twenty minutes.",
+    "He repaired the bicycle chain with a borrowed tool.",
+    "Our team shipped the new release on Friday evening.",
+    "A warm front will bring light rain to the coast tomorrow.",
+    "The museum opens a new exhibition on ancient maps.",
+    "She practised the violin for two hours every morning.",
+    "Neural networks learn features from labelled examples.",
+    "The recipe calls for three eggs and a cup of flour.",
+    "Traffic was heavy on the bridge during rush hour.",
+    "The library extended its opening hours for exam season.",
+    "Solar panels convert sunlight into electricity.",
+    "The referee stopped the match because of the storm.",
+    "My grandmother grows tomatoes and beans in her garden.",
+    "The startup raised money to build cheaper batteries.",
+    "A small dog barked at the delivery van.",
+    "The committee postponed its decision until next month.",
+    "Memory bandwidth limits the speed of many programs.",
+    "They hiked to the summit before sunrise.",
+    "The bakery on the corner sells fresh bread at dawn.",
+    "The hospital opened a new wing for children.",
+    "Compilers optimise loops by unrolling and vectorising them.",
+    "The river flooded the fields after a week of rain.",
+    "He forgot his umbrella on the bus again.",
+    "The orchestra tuned their instruments before the concert.",
+    "Satellites relay television signals around the world.",
+    "The shop offers a discount on winter coats.",
+    "She wrote a letter to the editor about the new park.",
+    "Embedded devices often run on a few watts of power.",
+    "The children built a sandcastle near the waves.",
+    "The police closed the road after the accident.",
+    "The chef seasoned the soup with fresh herbs.",
+    "Astronomers discovered a planet orbiting a distant star.",
+)
+BUDGET_EVAL_SENTENCES = (
+    "The bus to the city centre runs every quarter of an hour.",
+    "She fixed the broken lamp with some glue and tape.",
+    "The developers published a patch for the security bug.",
+    "Heavy snow is expected in the mountains this weekend.",
+    "The gallery shows paintings by local artists.",
+    "He plays the piano in a jazz band on Saturdays.",
+    "Machine learning models need a lot of training data.",
+    "Mix the butter and sugar before adding the eggs.",
+    "The highway was closed because of road works.",
+    "Students queued outside the exam hall at eight.",
+    "Wind turbines generate power on the hills.",
+    "The tennis final was delayed by rain.",
+    "The farmer harvested apples from the orchard.",
+    "Investors backed a company that recycles plastic.",
+    "A cat slept in the sun on the windowsill.",
+    "The council voted to build a new swimming pool.",
+    "Caches hide the latency of main memory.",
+    "We camped by the lake and watched the stars.",
+    "The cafe serves breakfast until noon.",
+    "Doctors recommend walking for half an hour a day.",
+    "The kernel schedules threads across all cores.",
+    "The harbour was busy with fishing boats.",
+    "I left my keys at the office yesterday.",
+    "The choir sang carols in the town square.",
+    "Radio telescopes listen for signals from space.",
+    "The store is having a sale on running shoes.",
+    "He sent an email to complain about the noise.",
+    "Microcontrollers read sensors many times a second.",
+    "Kids flew kites on the windy beach.",
+    "Firefighters put out the blaze in the warehouse.",
+    "The waiter brought us a plate of grilled fish.",
+    "A comet will be visible in the night sky next week.",
+)
+BUDGET_MAX_DROP = 0.01  # embedding cosine >= 0.99
+
+
+def section_budget(work: Path, retrain: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sensitivity on the Fashion-MNIST CNN; the int8 budget on all-MiniLM-L6-v2."""
+    fashion, checks = budget_fashion(retrain)
+    minilm, more = budget_minilm(work)
+    return {"fashion": fashion, "minilm": minilm}, checks + more
+
+
+def budget_fashion(retrain: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``edgecc.sensitivity`` of the Fashion-MNIST CNN to qdq and prune, timed."""
+    import edgecc
+
+    ensure_fashion_model(retrain)
+    result: dict[str, Any] = {}
+    checks = []
+    for passes in ("fold-bn,qdq", "fold-bn,prune(ratio=0.5)"):
+        start = time.perf_counter()
+        sens = edgecc.sensitivity(
+            FASHION_DIR / "model.pt",
+            "fashion-mnist",
+            passes,
+            calib=str(FASHION_DIR / "calib.npz"),
+            input_shapes=["x:1x1x28x28"],
+        )
+        secs = time.perf_counter() - start
+        result[passes] = {**sens, "wall_seconds": round(secs, 1)}
+        checks.append(bound(f"sensitivity {passes} on Fashion-MNIST (s)", secs, 120, False))
+        logger.info("budget: sensitivity %s: %.1f s", passes, secs)
+    return result, checks
+
+
+def budget_minilm(work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The int8 accuracy budget on all-MiniLM-L6-v2 (embedding cosine >= 0.99)."""
+    import torch
+
+    from edgecc.evaluation.budget import fit
+
+    encoder, calib_feeds, _ = load_minilm_encoder(BUDGET_CALIB_SENTENCES)
+    _, eval_feeds, _ = load_minilm_encoder(BUDGET_EVAL_SENTENCES)
+    example = {k: torch.from_numpy(v[:8]) for k, v in calib_feeds.items()}
+    np.savez(work / "minilm_calib.npz", **calib_feeds)
+    np.savez(work / "minilm_eval.npz", **eval_feeds)
+    common = {
+        "calib": str(work / "minilm_calib.npz"),
+        "metric": "agreement",
+        "target": "x86",
+        "example_inputs": example,
+    }
+    # One fit: its first trials are qdq with everything quantized and with nothing quantized.
+    record, graph = fit(
+        encoder, "qdq", work / "minilm_eval.npz", max_drop=BUDGET_MAX_DROP, **common
+    )
+    trials = {t["exempt"]: t["drop"] for t in record["trials"]}
+    rows = {
+        "qdq": {"pipeline": "qdq", "cosine": 1 - trials[0], "kept_float": []},
+        f"qdq --max-drop {BUDGET_MAX_DROP}": {
+            "pipeline": record["pipeline"],
+            "cosine": record["accuracy"]["final"],
+            "kept_float": record.get("kept_float", []),
+            "layers_ranked": len(record["sensitivity"]["layers"]),
+            "trials": record["trials"],
+            "sensitivity": record["sensitivity"],
+            "seconds": round(record["seconds"], 1),
+            "bytes": stats(graph)["bytes"],
+        },
+    }
+    logger.info("budget: minilm: %s", {k: v["cosine"] for k, v in rows.items()})
+    cos = rows[f"qdq --max-drop {BUDGET_MAX_DROP}"]["cosine"]
+    checks = [bound("MiniLM qdq --max-drop 0.01 embedding cosine", cos, 0.99)]
+    result = {
+        "rows": rows,
+        "calibration_sentences": len(BUDGET_CALIB_SENTENCES),
+        "eval_sentences": len(BUDGET_EVAL_SENTENCES),
+        "seq_len": MINILM_SEQ_LEN,
+        "metric": "mean cosine of mean-pooled sentence embeddings vs fp32 (ONNX Runtime, opt off)",
+    }
+    return result, checks
+
+
+def _md_budget(sec: dict[str, Any]) -> str:
+    parts = ["## Sensitivity and accuracy budget\n"]
+    for passes, sens in sec["fashion"].items():
+        parts.append(
+            f"`edgecc sensitivity` Fashion-MNIST CNN, `{passes}`, {sens['metric']} on "
+            f"{sens['samples']} test images (baseline {sens['baseline']:.2f}), "
+            f"{sens['wall_seconds']} s:\n"
+        )
+        parts.append(
+            _table(
+                ["layer", "op", sens["metric"], "drop", "params"],
+                [
+                    [r["layer"], r["op"], f"{r['metric']:.2f}", f"{r['drop']:.2f}", r["params"]]
+                    for r in sens["layers"]
+                ],
+            )
+        )
+    m = sec["minilm"]
+    parts.append(
+        f"all-MiniLM-L6-v2 static int8 (x86 target: uint8 activations), calibrated on "
+        f"{m['calibration_sentences']} sentences, measured on {m['eval_sentences']} others "
+        f"({m['seq_len']} tokens): {m['metric']}.\n"
+    )
+    parts.append(
+        _table(
+            ["pipeline", "cosine", "layers kept float", "bytes", "seconds"],
+            [
+                [
+                    label,
+                    f"{r['cosine']:.5f}",
+                    f"{len(r['kept_float'])} of {r.get('layers_ranked', '-')}",
+                    f"{r['bytes']:,}" if "bytes" in r else "",
+                    r.get("seconds", ""),
+                ]
+                for label, r in m["rows"].items()
+            ],
+        )
+    )
+    kept = next(iter(r["kept_float"] for r in m["rows"].values() if r["kept_float"]), [])
+    if kept:
+        parts.append("Kept float: " + ", ".join(f"`{k}`" for k in kept) + ".\n")
+    return "\n".join(parts)
 
 
 # --- report --------------------------------------------------------------------------------
@@ -791,7 +1006,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())
         + ".\n",
     ]
-    renderers = {"cnn": _md_cnn, "fashion": _md_fashion, "minilm": _md_minilm, "tvm": _md_tvm}
+    renderers = {
+        "cnn": _md_cnn,
+        "fashion": _md_fashion,
+        "minilm": _md_minilm,
+        "tvm": _md_tvm,
+        "budget": _md_budget,
+    }
     for name, sec in report["sections"].items():
         parts.append(renderers[name](sec))
     checks = [
@@ -826,6 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fashion": lambda w: section_fashion(w, args.retrain),
         "minilm": section_minilm,
         "tvm": lambda w: section_tvm(w, args.retrain),
+        "budget": lambda w: section_budget(w, args.retrain),
     }
     command = "python scripts/measure_compression.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

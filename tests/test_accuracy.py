@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from edgecc import datasets
-from edgecc.evaluate import accuracy, run_batched, session
+from edgecc.evaluation import accuracy, run_batched, session
 from edgecc.frontend import load_model
 from edgecc.passes import PassContext, PassManager, parse_pipeline
 from edgecc.passes.calibration import load_calibration

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecc import evaluate
+from edgecc import evaluation as evaluate
 from edgecc.datasets import Dataset
 from edgecc.errors import UserInputError
 

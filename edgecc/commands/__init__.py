@@ -1,1 +1,1 @@
-"""CLI commands that live in their own module, each registered in :mod:`edgecc.cli` by one line."""
+"""CLI commands in modules of their own, each registered in :mod:`edgecc.cli` with one line."""

@@ -43,8 +43,10 @@ Declined (with a reason in ``info["declined"]``): nodes whose weight is not cons
 (a Conv/Gemm weight fed by a graph input, for instance), MatMul with a constant first operand
 (``W @ x``: per-channel scales would run along the reduced axis of the activation), Gemm with a
 non-constant B, and nodes with a non-float32 activation input. ``keep_float`` names nodes or op
-types to leave alone. A weight also read by a node that is not quantized keeps its float copy for
-that reader (``info["float_weights_kept"]``). The model needs ONNX opset >= 13 (per-axis DQ).
+types to leave alone; ``only`` names the nodes to quantize, all others staying float (what
+``edgecc sensitivity`` uses to quantize one layer at a time). A weight also read by a node that
+is not quantized keeps its float copy for that reader (``info["float_weights_kept"]``). The
+model needs ONNX opset >= 13 (per-axis DQ).
 
 The result is standard QDQ ONNX: ONNX Runtime runs it as is, and at its default optimisation
 level fuses the groups into QLinearConv / QGemm / QLinearMatMul / MatMulIntegerToFloat.
@@ -360,6 +362,8 @@ class InsertQDQ:
         percentile: the percentile of ``|x|`` kept by ``method=percentile``.
         activation: ``uint8`` (asymmetric) or ``int8`` (symmetric); None: from the target.
         keep_float: node names or op types to leave in float.
+        only: node names: quantize these Conv/Gemm/MatMul nodes only, every other one stays
+            float (per-layer sensitivity); None quantizes all.
         outputs: op types whose outputs are quantized too (after a Relu/Clip), for fusion; True
             for all of Conv/Gemm/MatMul, False for none.
         bins: histogram bins of the percentile/entropy observers (a power of two).
@@ -375,6 +379,7 @@ class InsertQDQ:
         keep_float: str | Sequence[str] | None = None,
         outputs: bool | str | Sequence[str] = ("Conv",),
         bins: int = 2048,
+        only: str | Sequence[str] | None = None,
     ):
         if method not in METHODS:
             raise UserInputError(f"qdq: unknown method {method!r}; choose {', '.join(METHODS)}")
@@ -393,9 +398,23 @@ class InsertQDQ:
                 f"qdq: outputs must list ops among {', '.join(QUANTIZED_OPS)}, got {outputs!r}"
             )
         self.keep_float, self.bins = as_list(keep_float), bins
+        self.only = None if only is None else as_list(only)
+
+    def _kept(self, model: onnx.ModelProto) -> list[str]:
+        """``keep_float`` plus, with ``only``, every quantizable node not named there."""
+        if self.only is None:
+            return self.keep_float
+        others = [
+            n.name
+            for n in model.graph.node
+            if n.op_type in QUANTIZED_OPS and n.name not in self.only
+        ]
+        return [*self.keep_float, *others]
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         check_names(model, "qdq: keep_float", self.keep_float)
+        check_names(model, "qdq: only", self.only or [], op_types=False)
+        keep_float = self._kept(model)
         if ctx.calibration is None:
             raise UserInputError(NO_CALIBRATION)
         if opset(model) < MIN_OPSET:
@@ -406,7 +425,7 @@ class InsertQDQ:
         act, why = (
             (self.activation, "option") if self.activation else default_activation(ctx.target)
         )
-        plan = plan_quantization(model, self.keep_float, self.outputs, act == "uint8")
+        plan = plan_quantization(model, keep_float, self.outputs, act == "uint8")
         info: dict[str, Any] = {
             "method": self.method,
             "declined": plan.declined,
@@ -422,7 +441,7 @@ class InsertQDQ:
         )
         params = {t: self._params(seen.observers[t], act) for t in plan.tensors}
         bytes_before = model.ByteSize()
-        rewrite_info = self._rewrite(model, plan, params, act)
+        rewrite_info = self._rewrite(model, plan, params, act, keep_float)
         scales = np.array([p["scale"] for p in params.values()])
         info.update(
             {
@@ -470,7 +489,12 @@ class InsertQDQ:
         }
 
     def _rewrite(
-        self, model: onnx.ModelProto, plan: Plan, params: dict[str, dict[str, Any]], act: str
+        self,
+        model: onnx.ModelProto,
+        plan: Plan,
+        params: dict[str, dict[str, Any]],
+        act: str,
+        keep_float: Sequence[str],
     ) -> dict[str, Any]:
         """Insert the weight DQs, int32 biases and activation Q/DQ pairs, in place."""
         index = GraphIndex(model)
@@ -503,7 +527,7 @@ class InsertQDQ:
                 index.make_node("DequantizeLinear", [q, s, z], [dq_of[t]], f"{t}_DequantizeLinear"),
             ]
         for node in model.graph.node:
-            if not matches(node, self.keep_float):
+            if not matches(node, keep_float):
                 node.input[:] = [dq_of.get(i, i) for i in node.input]
         finish(model, weights.nodes + qdq_nodes, weights.replaced)
         still = {t.name for t in model.graph.initializer}

@@ -16,7 +16,7 @@ Selection. Each prunable group keeps ``n - floor(ratio * n)`` of its ``n`` atoms
 gives a producer's group its own ratio; with several, the smallest applies), rounded up to a
 multiple of ``round_to`` (counted in atoms: exact for groups without Concat), dropping the least
 important. Atoms touching a node named in ``skip`` stay, and every tensor keeps at least one
-channel.
+channel. With ``only``, groups none of whose producers is named there stay whole.
 
 Rewrite. Producer weights and biases lose output channels, consumers (Conv input channels,
 Gemm/MatMul rows, whole ``prod(spatial)`` blocks after a Flatten) the matching inputs,
@@ -71,6 +71,8 @@ class PruneChannels:
         round_to: keep a multiple of this many channels per group.
         skip: node names whose channels (inputs and outputs) stay whole.
         use_bn: scale importance by ``|gamma|`` of a BatchNorm right after the producer.
+        only: node names: prune only the groups these nodes produce channels for (per-layer
+            sensitivity); None prunes every group.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class PruneChannels:
         round_to: int = 1,
         skip: Iterable[str] = (),
         use_bn: bool = True,
+        only: Iterable[str] | None = None,
     ):
         self.overrides = dict(overrides or {})
         for name, value in [("ratio", ratio), *self.overrides.items()]:
@@ -93,10 +96,12 @@ class PruneChannels:
         self.ratio, self.criterion, self.round_to = float(ratio), criterion, int(round_to)
         self.skip = [skip] if isinstance(skip, str) else list(skip)
         self.use_bn = use_bn
+        self.only = None if only is None else ([only] if isinstance(only, str) else list(only))
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         analysis = analyse(model)
-        unknown = sorted((set(self.skip) | set(self.overrides)) - set(analysis.node_names))
+        named = set(self.skip) | set(self.overrides) | set(self.only or [])
+        unknown = sorted(named - set(analysis.node_names))
         if unknown:
             raise UserInputError(f"prune: no node named {', '.join(map(repr, unknown))}")
         index = GraphIndex(model)
@@ -107,6 +112,8 @@ class PruneChannels:
         for group in analysis.groups:
             if not group.sources:
                 continue  # nothing produces these channels (e.g. the graph input's)
+            if self.only is not None and not set(group.sources) & set(self.only):
+                continue  # restricted to other layers' groups
             if not group.prunable:
                 reason = "; ".join(group.reasons[:3])
                 logger.info(

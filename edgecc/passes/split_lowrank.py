@@ -35,7 +35,8 @@ reason in ``info["declined"]``: non-constant or batched (> 2-D) weights, MatMul 
 first operand (``W @ x``), grouped convolutions, all-zero weights, layers with fewer than
 ``min_size`` weight elements, nodes in ``skip`` (names or op types), and weights also read by a
 node that is not split the same way (a tied embedding, say: the float weight would have to stay,
-so nothing would be saved). Nodes sharing one weight with the same layout share its factors.
+so nothing would be saved). With ``only``, layers not named there are left alone
+without a decline entry. Nodes sharing one weight with the same layout share its factors.
 
 Per layer ``info["layers"]`` gives the rank chosen, the energy kept and the relative
 reconstruction error ``||W - A B||_F / ||W||_F`` measured on the stored factors.
@@ -204,6 +205,7 @@ class SplitLowRank:
             (0.95) when none of ``rank``/``ratio``/``energy`` is given.
         min_size: leave weights with fewer elements alone.
         skip: node names or op types to leave alone.
+        only: node names: split these layers only (per-layer sensitivity); None splits all.
     """
 
     name = "lowrank"
@@ -215,6 +217,7 @@ class SplitLowRank:
         energy: float | None = None,
         min_size: int = 0,
         skip: str | Sequence[str] | None = None,
+        only: str | Sequence[str] | None = None,
     ):
         given = {
             k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None
@@ -233,6 +236,7 @@ class SplitLowRank:
             raise UserInputError(f"lowrank: energy must be in (0, 1], got {energy}")
         self.rank, self.ratio, self.energy = rank, ratio, energy
         self.min_size, self.skip = int(min_size), as_list(skip)
+        self.only = None if only is None else as_list(only)
 
     def option(self) -> str:
         if self.rank is not None:
@@ -241,12 +245,15 @@ class SplitLowRank:
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         check_names(model, "lowrank: skip", self.skip)
+        check_names(model, "lowrank: only", self.only or [], op_types=False)
         groups, declined = find_layers(model, self.skip, self.min_size)
         index = GraphIndex(model)
         replacements: dict[str, list[onnx.NodeProto]] = {}
         report: list[dict[str, Any]] = []
         types = infer_types(model)
         for group in groups.values():
+            if self.only is not None and not {g.node.name for g in group} & set(self.only):
+                continue  # restricted to other layers
             split = self._factor(group[0], index)
             if isinstance(split, str):
                 declined += [

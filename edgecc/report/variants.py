@@ -352,16 +352,10 @@ Evaluate = Callable[..., Mapping[str, Any]]
 
 
 def _evaluator() -> Evaluate:
-    """``edgecc.api.evaluate`` (the eval command's API), or a user error if this build lacks it."""
-    from edgecc import api
+    """:func:`edgecc.evaluation.core.evaluate` (what ``edgecc eval`` runs)."""
+    from edgecc.evaluation.core import evaluate
 
-    fn = getattr(api, "evaluate", None)
-    if fn is None:
-        raise UserInputError(
-            "--data needs edgecc eval, which this build lacks: run edgecc eval PKG --data D "
-            "--json > e.json and pass --eval PKG=e.json"
-        )
-    return fn
+    return evaluate
 
 
 def collect(
@@ -384,7 +378,7 @@ def collect(
         bench: time the packages without a usable ``bench.json`` (x86 ones; the result is saved
             as their ``bench.json``).
         data: evaluate every package without other accuracy on this data set (needs
-            ``edgecc.api.evaluate``).
+            ``edgecc.evaluate``).
         title: the page's title [default: from the package names].
         progress: called with one-line progress messages.
 

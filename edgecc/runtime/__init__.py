@@ -74,6 +74,7 @@ def run_library(
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
     facts: dict[str, Any] | None = None,
+    stacked: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run ``library`` (built by :func:`edgecc.lower.lower` for ``target``) once.
 
@@ -87,6 +88,8 @@ def run_library(
             environment as it is (TVM then uses ``TVM_NUM_THREADS``, ``OMP_NUM_THREADS`` or the
             physical core count).
         facts: when given, updated with what the runner used (``threads``, ``device``).
+        stacked: ``inputs`` hold ``K`` input sets along an extra axis 0; the library runs once
+            per set in one process and every output comes back stacked the same way.
 
     Returns:
         ``{output name: array}`` in ``output_names`` order.
@@ -104,7 +107,7 @@ def run_library(
             target,
             inputs,
             Path(work),
-            ["--info", str(info)],
+            ["--info", str(info), *(["--stacked"] if stacked else [])],
             thread_env(threads),
             progress=progress,
         )

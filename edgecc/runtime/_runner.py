@@ -44,6 +44,11 @@ runs ``main`` N more times after the output run, K times over, with a marker cal
 does nothing); edgecc's qemu plugin records the instruction count at each marker. ``--info
 info.json`` writes what the run used: ``threads`` (the TVM runtime's thread count), ``device``.
 
+Stacked runs (``edgecc eval`` feeds many batches to one process): ``--stacked`` reads inputs with
+one extra leading axis of ``K`` input sets, shape ``(K, *input shape)``, calls ``main`` once per
+set and writes every output stacked the same way, ``(K, *output shape)``. It cannot be combined
+with ``--check``, ``--repeat`` or ``--count-runs``.
+
 Exit status: 0 success, 2 bad arguments or a missing, corrupt or modified file, 4 check failed,
 1 any other failure; errors print one line on stderr.
 """
@@ -58,7 +63,7 @@ EXIT_USER, EXIT_CHECK_FAILED = 2, 4
 USAGE = (
     "usage: run.py [--library model.so] [--input x.npz|x.npy] [--output y.npz] "
     "[--device cpu|cuda] [--check] [--min-cosine X] [--repeat N] [--warmup W] "
-    "[--timings t.json] [--count-runs N [--count-windows K]] [--info info.json]"
+    "[--timings t.json] [--count-runs N [--count-windows K]] [--info info.json] [--stacked]"
 )
 OPTIONS = {
     "--library": str,
@@ -73,7 +78,7 @@ OPTIONS = {
     "--count-windows": int,
     "--info": str,
 }
-FLAGS = ("--check",)
+FLAGS = ("--check", "--stacked")
 MARK_OFFSET = 0x656467656363  # "edgecc"; the instruction-counting plugin's MARK_OFFSET
 # The rule of packages whose manifest has none (built before the rule was recorded).
 FP32_RULE = {"kind": "fp32", "max_rel_diff": 1e-3, "min_cosine": 0.9999}
@@ -260,6 +265,8 @@ def parse(argv):
         raise UsageError("--min-cosine needs --check")
     if options.get("count_runs", 1) < 1 or options.get("count_windows", 1) < 1:
         raise UsageError("--count-runs and --count-windows must be >= 1")
+    if options.get("stacked") and {"check", "repeat", "count_runs"} & set(options):
+        raise UsageError("--stacked cannot be combined with --check, --repeat or --count-runs")
     return options
 
 
@@ -425,7 +432,18 @@ def run(options):
         given = probe
     else:
         raise UsageError(f"no --input and no probe input in {ref_path}")
-    args_np = ordered_inputs(given, manifest)
+    if options.get("stacked"):
+        sets = {len(a) for a in given.values()}
+        if len(sets) != 1:
+            raise UsageError(f"--stacked inputs disagree on the number of sets: {sorted(sets)}")
+        count = sets.pop()
+        stacked = [
+            ordered_inputs({k: a[i] for k, a in given.items()}, manifest) for i in range(count)
+        ]
+        args_np = stacked[0] if stacked else []
+    else:
+        stacked = None
+        args_np = ordered_inputs(given, manifest)
     device_kind = options.get("device") or (
         "cuda" if manifest and manifest.get("target", {}).get("device") == "cuda" else "cpu"
     )
@@ -437,8 +455,17 @@ def run(options):
     if not device.exist:
         raise RuntimeError(f"no {device_kind} device available to run {library}")
     vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in args_np]
-    values = _flatten(vm["main"](*args), [])
+
+    def call(arrays):
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+        return tensors, _flatten(vm["main"](*tensors), [])
+
+    if stacked is not None:  # one call per input set; outputs stacked along a new axis 0
+        results = [call(arrays)[1] for arrays in stacked]
+        values = [np.stack(column) for column in zip(*results, strict=True)] if results else []
+        args = []
+    else:
+        args, values = call(args_np)
     names = [o["name"] for o in (manifest or {}).get("outputs", [])]
     if len(names) != len(values):
         names = [f"out{i}" for i in range(len(values))]

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgecc.datasets import FASHION_MNIST_CLASSES, Dataset
 from edgecc.errors import EdgeccError
-from edgecc.evaluate import accuracy
+from edgecc.evaluation import accuracy
 
 
 def load_test(path: Path, limit: int | None) -> Dataset:

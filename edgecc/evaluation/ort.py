@@ -1,5 +1,6 @@
-"""Task-level evaluation of ONNX models with ONNX Runtime: classification accuracy on a labelled
-dataset, and agreement of sentence embeddings.
+"""ONNX Runtime helpers of the evaluator: sessions, batched runs, the accuracy of a classifier
+on an in-memory :class:`~edgecc.datasets.Dataset`, and sentence embeddings (the general
+evaluator is :func:`edgecc.evaluation.evaluate`).
 
 Models run in batches. A model whose batch dimension is fixed (a TorchScript export traced at
 batch 1, say) runs in batches of that size, the last batch padded and the padding dropped.
@@ -26,6 +27,7 @@ import onnx
 
 from edgecc.datasets import Dataset
 from edgecc.errors import UserInputError
+from edgecc.evaluation.metrics import mean_pool
 from edgecc.report.compare import _ort_bytes
 
 logger = logging.getLogger(__name__)
@@ -189,22 +191,6 @@ def accuracy(
     result = AccuracyResult(correct, len(dataset), dataset.name)
     logger.info("accuracy on %s: %.2f%%", dataset.name, 100 * result.accuracy)
     return result
-
-
-def mean_pool(token_embeddings: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Sentence embeddings: token embeddings (N x T x D) averaged over unmasked tokens (N x D)."""
-    mask = np.asarray(attention_mask, np.float64)[..., None]
-    summed = np.sum(np.asarray(token_embeddings, np.float64) * mask, axis=1)
-    return summed / np.maximum(mask.sum(axis=1), 1e-9)
-
-
-def embedding_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two N x D embedding matrices (N values)."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a64.shape != b64.shape:
-        raise ValueError(f"embedding shapes differ: {a64.shape} vs {b64.shape}")
-    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return np.sum(a64 * b64, axis=1) / np.maximum(norms, 1e-30)
 
 
 def sentence_embeddings(
