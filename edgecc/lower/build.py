@@ -76,6 +76,7 @@ def lower(
     out_path: Path,
     progress: Progress = None,
     schedules: bool | None = None,
+    tuning: Any = None,
 ) -> LoweredLibrary:
     """Compile ``model`` for ``target`` into a shared library at ``out_path``.
 
@@ -93,6 +94,8 @@ def lower(
         schedules: apply edgecc's CPU schedule rules (:mod:`edgecc.lower.schedules`); False
             gives the old default build (TVM's serial loop nests), for comparisons. None: on,
             unless the environment variable ``EDGECC_SCHEDULES`` is ``off``.
+        tuning: a :class:`edgecc.lower.tune.Tuning`: tune and/or apply MetaSchedule records to
+            the kernels before the rules (CPU, rules on).
 
     Returns:
         The library and its build facts.
@@ -105,6 +108,12 @@ def lower(
     say = _sayer(progress)
     linker = _linker(target)
     nvcc = _nvcc_for(target)
+    if tuning is not None:
+        from edgecc.lower.tune import check_tunable
+
+        check_tunable(target, tuning)
+        if not schedules_enabled(schedules):
+            raise ValueError("tuning records need the schedule rules (schedules on)")
     mod = import_relax(model, input_shapes, input_dtypes, say)
 
     import tvm
@@ -113,7 +122,7 @@ def lower(
     coverage = ScheduleCoverage()
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules))(mod)
+        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules), tuning, say)(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
@@ -127,6 +136,11 @@ def lower(
         details["schedules"] = coverage.summary()
         details["schedule_rules"] = "on" if schedules_enabled(schedules) else "off"
     notes: list[str] = []
+    if tuning is not None:
+        from edgecc.lower.tune import reproducibility_note
+
+        details["tuning"] = tuning.facts
+        notes.append(reproducibility_note(tuning))
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
         f"linking {out_path.name} with {Path(linker).name}"
@@ -262,13 +276,21 @@ def _failed_op(printed: str) -> str | None:
     return None
 
 
-def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: bool = True):
+def _pipeline(
+    tvm_target,
+    target: Target,
+    coverage: ScheduleCoverage,
+    rules: bool = True,
+    tuning: Any = None,
+    say: Callable[[str], None] = log.info,
+):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
 
     CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
     CUDA: TVM's default pipeline (dlight GPU rules). ``rules=False`` leaves the rules (and their
     layout passes) out: TVM's serial default code, the build before the rules existed.
+    ``tuning`` (:class:`edgecc.lower.tune.Tuning`) puts the record pass before the rules.
     """
     import tvm
     from tvm import relax
@@ -295,12 +317,22 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: boo
             *cpu.library_dispatch_passes(tvm_target),
             *schedules.pre_legalize_passes(params),
             *cpu.legalize_passes(tvm_target),
+            *_records(tuning, target, params, coverage, say),
             schedules.apply_schedules(params, coverage),
             *schedules.post_schedule_passes(params),
             *cpu.dataflow_lower_passes(tvm_target),
             *cpu.finalize_passes(tvm_target),
         ]
     )
+
+
+def _records(tuning: Any, target: Target, params: CpuParams, coverage, say) -> list:
+    """The tuning-record pass (:mod:`edgecc.lower.tune`) when ``tuning`` is given, else none."""
+    if tuning is None:
+        return []
+    from edgecc.lower.tune import records_pass
+
+    return [records_pass(tuning, target, schedules.rules_for(params), coverage, say)]
 
 
 def _pipeline_name(tvm_target) -> str:
