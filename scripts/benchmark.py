@@ -172,16 +172,20 @@ def compile_variants(name: str, source: Path, work: Path, int8: bool) -> dict[st
     return packages
 
 
-def tuned_library(pkg: Any, work: Path, trials: int) -> tuple[Path, dict[str, Any]]:
-    """The package's graph lowered with MetaSchedule tuning (:mod:`edgecc.lower.tune`)."""
+def tuned_library(pkg: Any, work: Path, trials: int,
+                  records: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The package's graph lowered with MetaSchedule tuning (:mod:`edgecc.lower.tune`) into
+    ``records`` (shared by the models of the run), else into fresh records of its own."""
     from edgecc.lower.tune import lower_tuned
 
     model = onnx.load(str(pkg.path / "model.onnx"))
     shapes = {i["name"]: tuple(i["shape"]) for i in pkg.manifest["inputs"]}
     dtypes = {i["name"]: i["dtype"] for i in pkg.manifest["inputs"]}
-    shutil.rmtree(work / "tuning", ignore_errors=True)  # records of earlier runs would add trials
+    if records is None:
+        records = work / "tuning"
+        shutil.rmtree(records, ignore_errors=True)  # records of earlier runs would add trials
     lib = lower_tuned(model, get_target(TARGET), shapes, dtypes, work / "tuned.so",
-                      trials_per_task=trials, work_dir=work / "tuning")
+                      trials_per_task=trials, work_dir=records)
     return lib.path, {**lib.details["tuning"], "compile_seconds": round(lib.compile_seconds, 1)}
 
 
@@ -220,7 +224,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             libraries["rules off"] = rules_off_library(pkg, work / f"{variant}-rules-off")
         for trials in args.tune_trials:
             libraries[f"tuned x{trials}"] = tuned_library(pkg, work / f"{variant}-tuned{trials}",
-                                                         trials)
+                                                         trials, args.tuning_records)
         rows += time_variant(name, variant, pkg, libraries, graph, torch_engine, feeds, args)
     return rows
 
@@ -252,7 +256,7 @@ def time_variant(model: str, variant: str, pkg: Any, libraries: Libraries,
             "build_seconds": tuning.get("compile_seconds",
                                         round(pkg.report["compile_seconds"], 1)),
             "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
-            **({"tuning": tuning} if "trials_per_task" in tuning else {}),
+            **({"tuning": tuning} if "trials_per_kernel" in tuning else {}),
         })
     return rows
 
@@ -330,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune-trials", type=lambda text: [int(t) for t in text.split(",")],
                    default=[], metavar="N[,M...]",
                    help="also time MetaSchedule-tuned libraries (measured trials per kernel)")
+    p.add_argument("--tuning-records", type=Path, default=None,
+                   help="one record folder for every tuned model of the run (later models reuse "
+                   "the kernels of earlier ones); default: fresh records per model")
     p.add_argument("--repeat", type=int, default=30, help="max samples per engine (all rounds)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all engines")

@@ -122,7 +122,9 @@ def lower(
     coverage = ScheduleCoverage()
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules), tuning, say)(mod)
+        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules), tuning, say)(
+            mod
+        )
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)

@@ -287,7 +287,7 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
         rule_ms = None
         if have == 0:
             rule_name, sch = _rule_schedule(func, tvm_target, rules)
-            seconds = _measure(sch, task, tvm_target, builder, runner)
+            seconds = _measure(sch, task, tvm_target, builder, runner) if sch else None
             if seconds is not None:
                 _commit(database, task, sch, seconds, tvm_target)
                 baselines += 1
@@ -313,21 +313,11 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
             continue
         bar = _Bar(f"{index}/{len(kernels)} {name}", wanted, best, tuning.progress_bar)
         try:
-            ms.tune.tune_tasks(
-                tasks=[context],
-                task_weights=[1.0],
-                work_dir=str(work),
-                max_trials_global=wanted,
-                max_trials_per_task=wanted,
-                num_trials_per_iter=min(wanted, 4),
-                builder=builder,
-                runner=runner,
-                database=database,
-                cost_model="random",
-                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                   _progress_callback(bar)],  # fmt: skip
-                task_scheduler="round-robin",
-            )
+            _tune_one(ms, context, wanted, builder, runner, database, bar, work)
+        except Exception as err:  # noqa: BLE001  (a kernel's failure leaves the others' records)
+            if interrupt.received() is not None:
+                raise
+            log.warning("tuning %s failed, its rule stays: %s", name, str(err).strip()[:300])
         finally:
             bar.close()
         measured += bar.count
@@ -347,6 +337,28 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
         "strategy": "replay-trace on post-order-apply, rule schedule as measured baseline",
         "per_kernel": kernel_facts,
     }
+
+
+def _tune_one(ms, context, wanted: int, builder, runner, database, bar, work: Path) -> None:
+    """MetaSchedule's search on one task: ``wanted`` candidates, in batches of up to 4 (the bar
+    and Ctrl-C act between batches, after each batch's records are committed)."""
+    ms.tune.tune_tasks(
+        tasks=[context],
+        task_weights=[1.0],
+        work_dir=str(work),
+        max_trials_global=wanted,
+        max_trials_per_task=wanted,
+        num_trials_per_iter=min(wanted, 4),
+        builder=builder,
+        runner=runner,
+        database=database,
+        cost_model="random",
+        measure_callbacks=[
+            *ms.measure_callback.MeasureCallback.create("default"),
+            _progress_callback(bar),
+        ],
+        task_scheduler="round-robin",
+    )
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -386,7 +398,11 @@ def _rule_schedule(func, tvm_target, rules: list) -> tuple[str | None, Any]:
                 continue
             if sch is not None:
                 replay = s_tir.Schedule(task)  # the trace must replay on the stored workload
-                sch.trace.apply_to_schedule(replay, remove_postproc=False)
+                try:
+                    sch.trace.apply_to_schedule(replay, remove_postproc=False)
+                except Exception as err:  # noqa: BLE001  (TVM raises several error types)
+                    log.warning("rule %s's trace does not replay, no baseline: %s", rule.name, err)
+                    return rule.name, None
                 return rule.name, replay
     return None, s_tir.Schedule(task)
 
@@ -406,7 +422,9 @@ def _measure(sch, task, tvm_target, builder, runner) -> float | None:
     finally:
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg:
-        log.warning("the rule's schedule did not run: %s", result.error_msg.strip().splitlines()[-1])
+        log.warning(
+            "the rule's schedule did not run: %s", result.error_msg.strip().splitlines()[-1]
+        )
         return None
     return _mean(result.run_secs)
 
@@ -490,9 +508,7 @@ def _progress_callback(bar: _Bar):
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
-            bar.update(
-                [None if r.error_msg else _mean(r.run_secs) for r in runner_results]
-            )
+            bar.update([None if r.error_msg else _mean(r.run_secs) for r in runner_results])
             interrupt.check()
 
     return Progress()
