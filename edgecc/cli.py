@@ -205,6 +205,21 @@ def _target_names() -> str:
     default=None,
     help="Exit 4 (no package) when the cosine vs the source model's float output is below this.",
 )
+@click.option(
+    "--tuning-records",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Apply these tuning records (`edgecc tune`); kernels without one use the rules.",
+)
+@click.option(
+    "--tune-trials",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Tune each kernel with N measured candidates first, into --tuning-records DIR or "
+    "the target's cache (~/.cache/edgecc/tuning/<target>).",
+)
 def compile_cmd(
     model: Path,
     target: str,
@@ -222,6 +237,8 @@ def compile_cmd(
     input_values: tuple[str, ...],
     seed: int,
     min_cosine: float | None,
+    tuning_records: Path | None,
+    tune_trials: int,
 ) -> None:
     """Compile MODEL (.pt, .pt2, .onnx) into a package for a target."""
     from edgecc.api import compile as compile_model
@@ -247,6 +264,8 @@ def compile_cmd(
         probe=probe,
         min_cosine=min_cosine,
         progress=_progress,
+        tuning_records=tuning_records,
+        tune_trials=tune_trials,
     )
     rep, man = pkg.report, pkg.manifest
     rows = rep["passes"]
@@ -271,9 +290,21 @@ def compile_cmd(
             if man["library"].get("cuda_code")
             else ""
         )
+        + _tuning_line(man["library"].get("tuning"))
         + "".join(f"\nnote: {n}" for n in man["library"].get("notes", []))
     )
     _emit({"package": str(pkg.path), "manifest": man, "report": rep}, text)
+
+
+def _tuning_line(tuning: dict[str, Any] | None) -> str:
+    """The summary line of a build that used tuning records (empty without)."""
+    if not tuning:
+        return ""
+    return (
+        f"\ntuning records {tuning['records']}: {len(tuning['kernels_tuned'])} kernels from "
+        f"records, {len(tuning['kernels_rules'])} by the rules"
+        + (f", {tuning['measured']} candidates measured" if tuning.get("measured") else "")
+    )
 
 
 def _input_values(items: tuple[str, ...]) -> dict[str, Any]:
@@ -651,6 +682,10 @@ def run() -> None:
         code = EXIT_INTERRUPTED
     sys.exit(code)
 
+
+from edgecc.commands.tune import tune_cmd  # noqa: E402  (needs the commands above)
+
+cli.add_command(tune_cmd)
 
 if __name__ == "__main__":
     run()
