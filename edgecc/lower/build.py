@@ -8,7 +8,7 @@ Relax pipeline per target kind (measured on this machine, TVM 0.27, no tuning):
   4.8 ms) and changed nothing on a small ResNet, whose time is in unscheduled convolutions. The
   dlight CPU rules (``dl.cpu.GEMV``, ``dl.cpu.Reduction``) made both slower (MLP 7.1 ms, ResNet
   1.6x), so they are not applied. Outputs were identical in all variants. Fast CPU code needs
-  MetaSchedule tuning on top (not done here).
+  MetaSchedule tuning on top (here only with ``tuning=``: :mod:`edgecc.lower.tune`).
 * CUDA: TVM's CUDA default pipeline, which applies the dlight GPU rules (``Matmul``, ``GEMV``,
   ``Reduction``, ``GeneralReduction``, ``Fallback``); without thread bindings TIR would not
   build for a GPU at all. Device code: see :mod:`edgecc.lower.cuda`.
