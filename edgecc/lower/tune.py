@@ -22,10 +22,14 @@ tune first. The pass :func:`records_pass` runs where the rules run (after fusion
    rule's: the rules are deterministic (no sampled decisions), so a ``ScheduleFn`` of a rule
    plus mutators would have nothing to mutate; MetaSchedule's space explores other tilings and
    the rule's measured trace bounds the result from above.
-3. **Apply.** A kernel whose workload has a record gets the best one: its trace replayed on the
-   kernel when the workload is the same function, else the anchor block's trace
-   (``schedule_using_anchor_trace``; other blocks inlined or left as the trace implies). A
-   failure to apply falls back to the rules. Kernels without a record get the rules as usual.
+3. **Apply.** A kernel whose workload has records gets the fastest one that applies to it: the
+   trace replayed on the kernel; for a kernel equal to the stored one but for block names, the
+   stored kernel scheduled by it; else the anchor block's trace (``schedule_using_anchor_trace``).
+   Under anchor-block equality a workload's records can come from kernels with another epilogue
+   whose traces do not replay (seen on ResNet-34 after ResNet-18: ``inst->outputs.size() <=
+   outputs.size()`` in the anchor replay); the next record is tried, and when none applies the
+   rules schedule the kernel and a tuning run treats the kernel as new (baseline + ``trials``,
+   committed to the same workload). Kernels without a record get the rules as usual.
 
 ``trials`` counts measured candidates per kernel (the rule's baseline is measured on top, once per
 workload). Records written by interrupted runs stay usable: JSONDatabase appends one line per
@@ -283,7 +287,9 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
         interrupt.check()
         task = _task_module(func)
         have = _record_count(database, task, tuning.trials + 1)
-        best = _best_seconds(database, task)
+        if have and _apply_record(database, func, name, tvm_target) is False:
+            have = 0  # another kernel's records (same anchor block) that do not apply here
+        best = _best_seconds(database, task) if have else None
         rule_ms = None
         if have == 0:
             rule_name, sch = _rule_schedule(func, tvm_target, rules)
@@ -439,30 +445,52 @@ def _commit(database, task, sch, seconds: float, tvm_target) -> None:
     )
 
 
+MAX_RECORDS_TRIED = 64  # records of a workload tried, fastest first, until one applies
+
+
 def _apply_record(database, func, name: str, tvm_target):
-    """``func`` scheduled by its workload's best record; None without a record, False when the
-    record does not apply (the rules then schedule the kernel)."""
+    """``func`` scheduled by the fastest of its workload's records that applies to it; None
+    without records, False when none applies (the rules then schedule the kernel).
+
+    Under anchor-block equality a workload's records may come from kernels with another
+    epilogue, whose traces need not replay here; the next record is then tried."""
+    task = _task_module(func)
+    if not database.has_workload(task):
+        return None
+    records = database.get_top_k(database.commit_workload(task), MAX_RECORDS_TRIED)
+    if not records:
+        return None
+    errors = []
+    for record in records:
+        try:
+            return _replay(record, task, tvm_target).with_attr("global_symbol", name)
+        except Exception as err:  # noqa: BLE001  (TVM raises several error types here)
+            errors.append(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+    log.warning("no tuning record applies to %s, rules used: %s", name, errors[0])
+    return False
+
+
+def _replay(record, task, tvm_target):
+    """``record``'s schedule of ``task``'s function: its trace replayed on the kernel; else, for a
+    kernel equal to the stored one but for names, the stored kernel scheduled; else the anchor
+    block's trace (``schedule_using_anchor_trace``). Raises when none works."""
     import tvm_ffi
     from tvm import s_tir
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
-    task = _task_module(func)
-    if not database.has_workload(task):
-        return None
-    record = database.query_tuning_record(task, tvm_target, "main")
-    if record is None:
-        return None
-    sch = s_tir.Schedule(task)
-    try:
-        with tvm_target:
+    with tvm_target:
+        try:
+            sch = s_tir.Schedule(task)
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
+            return sch.mod["main"]
+        except Exception:  # noqa: BLE001
             if tvm_ffi.structural_equal(record.workload.mod, task):
+                sch = s_tir.Schedule(record.workload.mod)
                 record.trace.apply_to_schedule(sch, remove_postproc=False)
-            else:
-                schedule_using_anchor_trace(sch, record.trace, tvm_target)
-    except Exception as err:  # noqa: BLE001  (TVM raises several error types here)
-        log.warning("a tuning record does not apply to %s, rules used: %s", name, err)
-        return False
-    return sch.mod["main"].with_attr("global_symbol", name)
+                return sch.mod["main"]
+        sch = s_tir.Schedule(task)
+        schedule_using_anchor_trace(sch, record.trace, tvm_target)
+        return sch.mod["main"]
 
 
 class _Bar:
