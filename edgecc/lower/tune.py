@@ -12,7 +12,8 @@ tune first. The pass :func:`records_pass` runs where the rules run (after fusion
    records and measures only its new kernels); one with fewer gets the missing trials.
 2. **The rules are the baseline.** For a workload without records, the schedule edgecc's rules
    give the kernel (or, if no rule matches, TVM's default code) is built, timed by the runner and
-   committed first, with its trace. The search then samples ``trials`` candidates from
+   committed first, with its trace (a kernel whose rule schedule cannot be timed, e.g. a runner
+   timeout, is not tuned: it keeps its rule). The search then samples ``trials`` candidates from
    MetaSchedule's own x86/ARM design space (``post-order-apply`` with the default LLVM rules:
    multi-level tiling, parallel/vectorise/unroll), timed by the same runner
    (``replay-trace``, no cost model). The best record of a workload is the fastest of the rule's
@@ -281,6 +282,7 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
     work = Path(tuning.records) / "logs"
     measured = baselines = skipped = 0
     no_space: list[str] = []
+    no_baseline: list[str] = []
     kernel_facts: dict[str, dict[str, Any]] = {}
     say(f"tuning {len(kernels)} kernels, {tuning.trials} trials each, records in {tuning.records}")
     for index, (name, (_gvar, func)) in enumerate(kernels.items(), 1):
@@ -299,6 +301,11 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
                 baselines += 1
                 have, best, rule_ms = 1, seconds, seconds * 1e3
                 kernel_facts.setdefault(name, {})["baseline"] = rule_name or "tvm-default"
+            elif rule_name is not None:  # tuning could only pick a schedule slower than it
+                say(f"kernel {index}/{len(kernels)} {name}: the rule's schedule could not be "
+                    "timed, the kernel keeps its rule")  # fmt: skip
+                no_baseline.append(name)
+                continue
         wanted = max(0, tuning.trials + 1 - have)
         if wanted == 0:
             skipped += 1
@@ -340,6 +347,7 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
         "baselines_measured": baselines,
         "kernels_reused": skipped,
         "kernels_without_design_space": no_space,
+        "kernels_without_baseline": no_baseline,
         "strategy": "replay-trace on post-order-apply, rule schedule as measured baseline",
         "per_kernel": kernel_facts,
     }
