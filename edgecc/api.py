@@ -106,6 +106,10 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     data: Any = None,
     metric: Any = None,
     max_drop: float | None = None,
+    tuning_records: str | Path | None = None,
+    tune_trials: int = 0,
+    tuning_runner: Any = None,
+    tuning_builder: Any = None,
 ) -> Package:
     """Compile a model for a target into a package folder at ``out``.
 
@@ -142,6 +146,12 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         max_drop: the accuracy budget (needs ``data``): exempt the most sensitive layers of the
             qdq (else prune, else lowrank) pass until the drop is at most this
             (:mod:`edgecc.evaluation.budget`).
+        tuning_records: a MetaSchedule record folder (``edgecc tune``): kernels with a record
+            use it, the others the schedule rules (:mod:`edgecc.lower.tune`).
+        tune_trials: tune every kernel with this many measured candidates first, into
+            ``tuning_records`` or, without it, the target's default cache.
+        tuning_runner: a MetaSchedule Runner timing the candidates (default: this host).
+        tuning_builder: a MetaSchedule Builder (default: in this process).
 
     Returns:
         The written :class:`Package`.
@@ -177,6 +187,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         from edgecc.errors import UserInputError
 
         raise UserInputError("--max-drop needs --data (the data to measure the drop on)")
+    tuning = _tuning(tgt, tuning_records, tune_trials, tuning_runner, tuning_builder, seed)
     out = Path(out)
 
     with staged_output(out) as staging:
@@ -228,7 +239,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         shapes = {s.name: tuple(s.shape) for s in loaded.inputs}
         dtypes = {s.name: s.dtype for s in loaded.inputs}
         say(f"lowering through TVM for {tgt.name}")
-        lib = lower(final, tgt, shapes, dtypes, staging / LIBRARY, progress=say)
+        lib = lower(final, tgt, shapes, dtypes, staging / LIBRARY, progress=say, tuning=tuning)
 
         onnx.save(final, str(staging / ONNX_MODEL))
         save_reference(staging / REFERENCE, loaded.probe_inputs, loaded.reference_outputs, expected)
@@ -291,6 +302,35 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             dump.write_summary()
     say(f"wrote {out}")
     return Package(out)
+
+
+def _tuning(
+    target: Any, records: str | Path | None, trials: int, runner: Any, builder: Any, seed: int
+) -> Any:
+    """The :class:`edgecc.lower.tune.Tuning` of compile's options (None: no records used).
+
+    Raises:
+        UserInputError: negative trials, or a record folder that is not a folder.
+    """
+    from edgecc.errors import UserInputError
+
+    if records is None and not trials:
+        return None
+    from edgecc.lower.tune import Tuning, check_tunable, default_records_dir
+
+    if trials < 0:
+        raise UserInputError(f"--tune-trials must be >= 0, got {trials}")
+    folder = Path(records) if records is not None else default_records_dir(target)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"--tuning-records {folder}: not a folder")
+    if records is not None and not trials and not folder.is_dir():
+        raise UserInputError(f"--tuning-records {folder}: no such folder (tune first: edgecc tune)")
+    tuning = Tuning(
+        folder, trials, explicit=records is not None, seed=seed, runner=runner,
+        builder=builder or "inprocess",
+    )  # fmt: skip
+    check_tunable(target, tuning)  # before any export or pass
+    return tuning
 
 
 def _gate_agreement(agreement: Mapping[str, Any], min_cosine: float | None, pipeline: str) -> None:

@@ -249,6 +249,21 @@ def _data_options(command: Any) -> Any:
     "lowrank layers) until the drop is at most this (top1: points; agreement: 1 - cosine); "
     "exit 4 if even all of them cannot.",
 )
+@click.option(
+    "--tuning-records",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Apply these tuning records (`edgecc tune`); kernels without one use the rules.",
+)
+@click.option(
+    "--tune-trials",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Tune each kernel with N measured candidates first, into --tuning-records DIR or "
+    "the target's cache (~/.cache/edgecc/tuning/<target>).",
+)
 def compile_cmd(
     model: Path,
     target: str,
@@ -269,6 +284,8 @@ def compile_cmd(
     data: str | None,
     metric: str | None,
     max_drop: float | None,
+    tuning_records: Path | None,
+    tune_trials: int,
 ) -> None:
     """Compile MODEL (.pt, .pt2, .onnx) into a package for a target."""
     from edgecc.api import compile as compile_model
@@ -297,6 +314,8 @@ def compile_cmd(
         data=data,
         metric=metric,
         max_drop=max_drop,
+        tuning_records=tuning_records,
+        tune_trials=tune_trials,
     )
     rep, man = pkg.report, pkg.manifest
     rows = rep["passes"]
@@ -321,6 +340,7 @@ def compile_cmd(
             if man["library"].get("cuda_code")
             else ""
         )
+        + _tuning_line(man["library"].get("tuning"))
         + "".join(f"\nnote: {n}" for n in man["library"].get("notes", []))
         + _accuracy_text(man)
     )
@@ -344,6 +364,17 @@ def _accuracy_text(manifest: dict[str, Any]) -> str:
         spared = [s["layer"] for s in manifest["spared"]]
         text += f"\nspared: {len(spared)} layers" + (f" ({', '.join(spared)})" if spared else "")
     return text
+
+
+def _tuning_line(tuning: dict[str, Any] | None) -> str:
+    """The summary line of a build that used tuning records (empty without)."""
+    if not tuning:
+        return ""
+    return (
+        f"\ntuning records {tuning['records']}: {len(tuning['kernels_tuned'])} kernels from "
+        f"records, {len(tuning['kernels_rules'])} by the rules"
+        + (f", {tuning['measured']} candidates measured" if tuning.get("measured") else "")
+    )
 
 
 def _input_values(items: tuple[str, ...]) -> dict[str, Any]:
@@ -770,6 +801,10 @@ def run() -> None:
         code = EXIT_INTERRUPTED
     sys.exit(code)
 
+
+from edgecc.commands.tune import tune_cmd  # noqa: E402  (needs the commands above)
+
+cli.add_command(tune_cmd)
 
 if __name__ == "__main__":
     run()

@@ -81,6 +81,7 @@ ALL_MODELS = (
     "efficientnet_lite0",
     "minilm",
 )
+EXTRA_MODELS = ("resnet34",)  # on request only: ResNet-18's kernels, for record reuse
 INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18", "mobilenetv2", "efficientnet_lite0")
 MINILM_SEQ = 128
 
@@ -189,14 +190,19 @@ def compile_variants(name: str, source: Path, work: Path, int8: bool) -> dict[st
     return packages
 
 
-def tuned_library(pkg: Any, work: Path, trials: int) -> tuple[Path, dict[str, Any]]:
-    """The package's graph lowered with MetaSchedule tuning (:mod:`edgecc.lower.tune`)."""
+def tuned_library(
+    pkg: Any, work: Path, trials: int, records: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The package's graph lowered with MetaSchedule tuning (:mod:`edgecc.lower.tune`) into
+    ``records`` (shared by the models of the run), else into fresh records of its own."""
     from edgecc.lower.tune import lower_tuned
 
     model = onnx.load(str(pkg.path / "model.onnx"))
     shapes = {i["name"]: tuple(i["shape"]) for i in pkg.manifest["inputs"]}
     dtypes = {i["name"]: i["dtype"] for i in pkg.manifest["inputs"]}
-    shutil.rmtree(work / "tuning", ignore_errors=True)  # records of earlier runs would add trials
+    if records is None:
+        records = work / "tuning"
+        shutil.rmtree(records, ignore_errors=True)  # records of earlier runs would add trials
     lib = lower_tuned(
         model,
         get_target(TARGET),
@@ -204,7 +210,7 @@ def tuned_library(pkg: Any, work: Path, trials: int) -> tuple[Path, dict[str, An
         dtypes,
         work / "tuned.so",
         trials_per_task=trials,
-        work_dir=work / "tuning",
+        work_dir=records,
     )
     return lib.path, {**lib.details["tuning"], "compile_seconds": round(lib.compile_seconds, 1)}
 
@@ -244,7 +250,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             libraries["rules off"] = rules_off_library(pkg, work / f"{variant}-rules-off")
         for trials in args.tune_trials:
             libraries[f"tuned x{trials}"] = tuned_library(
-                pkg, work / f"{variant}-tuned{trials}", trials
+                pkg, work / f"{variant}-tuned{trials}", trials, args.tuning_records
             )
         rows += time_variant(name, variant, pkg, libraries, graph, torch_engine, feeds, args)
     return rows
@@ -289,7 +295,7 @@ def time_variant(
                     "compile_seconds", round(pkg.report["compile_seconds"], 1)
                 ),
                 "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
-                **({"tuning": tuning} if "trials_per_task" in tuning else {}),
+                **({"tuning": tuning} if "trials_per_kernel" in tuning else {}),
             }
         )
     return rows
@@ -376,7 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         default=",".join(ALL_MODELS),
-        help=f"comma-separated, from {', '.join(ALL_MODELS)}",
+        help=f"comma-separated, from {', '.join(ALL_MODELS + EXTRA_MODELS)}",
     )
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
     p.add_argument(
@@ -390,6 +396,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="N[,M...]",
         help="also time MetaSchedule-tuned libraries (measured trials per kernel)",
+    )
+    p.add_argument(
+        "--tuning-records",
+        type=Path,
+        default=None,
+        help="one record folder for every tuned model of the run (later models reuse "
+        "the kernels of earlier ones); default: fresh records per model",
     )
     p.add_argument("--repeat", type=int, default=30, help="max samples per engine (all rounds)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine and round")
@@ -410,9 +423,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", type=Path, help="write the table and the command here")
     args = p.parse_args(argv)
-    unknown = set(args.models.split(",")) - set(ALL_MODELS)
+    unknown = set(args.models.split(",")) - set(ALL_MODELS) - set(EXTRA_MODELS)
     if unknown:
-        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(ALL_MODELS)}")
+        p.error(
+            f"unknown models {sorted(unknown)}; choose from {', '.join(ALL_MODELS + EXTRA_MODELS)}"
+        )
     return args
 
 

@@ -212,6 +212,7 @@ class ResNet18(ExampleModel):
     """ResNet-18's layout (7x7/2 stem, max pool, 2+2+2+2 basic blocks, 64..512 wide, FC 1000)."""
 
     example_shape = (1, 3, 224, 224)
+    layers: tuple[int, ...] = (2, 2, 2, 2)  # basic blocks per stage
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -219,8 +220,11 @@ class ResNet18(ExampleModel):
             *conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
         )
         blocks, cin = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width)]
+        for (width, stride), repeats in zip(
+            ((64, 1), (128, 2), (256, 2), (512, 2)), self.layers, strict=True
+        ):
+            blocks += [BasicBlock(cin, width, stride)]
+            blocks += [BasicBlock(width, width) for _ in range(repeats - 1)]
             cin = width
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(512, num_classes)
@@ -228,6 +232,12 @@ class ResNet18(ExampleModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResNet34(ResNet18):
+    """ResNet-34's layout: ResNet-18's with 3+4+6+3 basic blocks (the same convolution shapes)."""
+
+    layers = (3, 4, 6, 3)
 
 
 class _MBNet(ExampleModel):
@@ -293,6 +303,7 @@ MODELS: dict[str, type[ExampleModel]] = {
 # Full-size reference architectures (224x224): for the benchmarks, too slow for most tests.
 IMAGENET_MODELS: dict[str, type[ExampleModel]] = {
     "resnet18": ResNet18,
+    "resnet34": ResNet34,
     "mobilenetv2": MobileNetV2,
     "efficientnet_lite0": EfficientNetLite0,
 }

@@ -8,7 +8,7 @@ Relax pipeline per target kind (measured on this machine, TVM 0.27, no tuning):
   4.8 ms) and changed nothing on a small ResNet, whose time is in unscheduled convolutions. The
   dlight CPU rules (``dl.cpu.GEMV``, ``dl.cpu.Reduction``) made both slower (MLP 7.1 ms, ResNet
   1.6x), so they are not applied. Outputs were identical in all variants. Fast CPU code needs
-  MetaSchedule tuning on top (not done here).
+  MetaSchedule tuning on top (here only with ``tuning=``: :mod:`edgecc.lower.tune`).
 * CUDA: TVM's CUDA default pipeline, which applies the dlight GPU rules (``Matmul``, ``GEMV``,
   ``Reduction``, ``GeneralReduction``, ``Fallback``); without thread bindings TIR would not
   build for a GPU at all. Device code: see :mod:`edgecc.lower.cuda`.
@@ -78,6 +78,7 @@ def lower(
     out_path: Path,
     progress: Progress = None,
     schedules: bool | None = None,
+    tuning: Any = None,
 ) -> LoweredLibrary:
     """Compile ``model`` for ``target`` into a shared library at ``out_path``.
 
@@ -95,6 +96,8 @@ def lower(
         schedules: apply edgecc's CPU schedule rules (:mod:`edgecc.lower.schedules`); False
             gives the old default build (TVM's serial loop nests), for comparisons. None: on,
             unless the environment variable ``EDGECC_SCHEDULES`` is ``off``.
+        tuning: a :class:`edgecc.lower.tune.Tuning`: tune and/or apply MetaSchedule records to
+            the kernels before the rules (CPU, rules on).
 
     Returns:
         The library and its build facts.
@@ -107,6 +110,12 @@ def lower(
     say = _sayer(progress)
     linker = _linker(target)
     nvcc = _nvcc_for(target)
+    if tuning is not None:
+        from edgecc.lower.tune import check_tunable
+
+        check_tunable(target, tuning)
+        if not schedules_enabled(schedules):
+            raise ValueError("tuning records need the schedule rules (schedules on)")
     mod = import_relax(model, input_shapes, input_dtypes, say)
 
     import tvm
@@ -118,7 +127,14 @@ def lower(
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
         mod = _pipeline(
-            tvm_target, target, coverage, schedules_enabled(schedules), int8_log, int8_kernel_calls
+            tvm_target,
+            target,
+            coverage,
+            schedules_enabled(schedules),
+            int8_log,
+            int8_kernel_calls,
+            tuning,
+            say,
         )(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
@@ -135,6 +151,11 @@ def lower(
         details["int8_ops"] = [asdict(d) for d in int8_log.decisions]
         assign_kernels(details["int8_ops"], int8_kernel_calls)
     notes: list[str] = []
+    if tuning is not None:
+        from edgecc.lower.tune import reproducibility_note
+
+        details["tuning"] = tuning.facts
+        notes.append(reproducibility_note(tuning))
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
         f"linking {out_path.name} with {Path(linker).name}"
@@ -277,6 +298,8 @@ def _pipeline(
     rules: bool = True,
     int8_log: Int8Log | None = None,
     int8_kernels: list[str] | None = None,
+    tuning: Any = None,
+    say: Callable[[str], None] = log.info,
 ):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
 
@@ -288,6 +311,7 @@ def _pipeline(
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
     CUDA: TVM's default pipeline (dlight GPU rules). ``rules=False`` leaves the rules (and their
     layout passes) out: TVM's serial default code, the build before the rules existed.
+    ``tuning`` (:class:`edgecc.lower.tune.Tuning`) puts the record pass before the rules.
     """
     import tvm
     from tvm import relax
@@ -318,12 +342,22 @@ def _pipeline(
             *schedules.pre_legalize_passes(params),
             *cpu.legalize_passes(tvm_target),
             kernels,
+            *_records(tuning, target, params, coverage, say),
             schedules.apply_schedules(params, coverage),
             *schedules.post_schedule_passes(params),
             *cpu.dataflow_lower_passes(tvm_target),
             *cpu.finalize_passes(tvm_target),
         ]
     )
+
+
+def _records(tuning: Any, target: Target, params: CpuParams, coverage, say) -> list:
+    """The tuning-record pass (:mod:`edgecc.lower.tune`) when ``tuning`` is given, else none."""
+    if tuning is None:
+        return []
+    from edgecc.lower.tune import records_pass
+
+    return [records_pass(tuning, target, schedules.rules_for(params), coverage, say)]
 
 
 def _pipeline_name(tvm_target) -> str:
