@@ -133,19 +133,16 @@ def test_sensitivity_file_and_its_validation(variants, tmp_path):
         collect(variants[:1], sensitivity_files=[bad])
 
 
-def test_data_needs_an_evaluator(variants, monkeypatch):
-    from edgecc import api
+def test_data_evaluates_the_packages_without_accuracy(variants, monkeypatch):
+    from edgecc.evaluation import core
 
-    monkeypatch.delattr(api, "evaluate", raising=False)
-    with pytest.raises(UserInputError, match="--data needs edgecc eval"):
-        collect(variants, data="d.npz")
     calls = []
 
     def evaluate(path, data):
         calls.append((Path(path).name, data))
         return {"top1": 0.5, "samples": 10}
 
-    monkeypatch.setattr(api, "evaluate", evaluate, raising=False)
+    monkeypatch.setattr(core, "evaluate", evaluate)
     pruned = collect(variants, data="d.npz")["variants"][2]
     # only the packages without accuracy are evaluated
     assert calls == [("m-pruned", "d.npz"), ("m-rpi4", "d.npz")]
