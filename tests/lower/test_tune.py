@@ -235,19 +235,6 @@ def test_default_records_dir_follows_edgecc_cache(monkeypatch, tmp_path):
     assert default_records_dir(get_target("x86")) == tmp_path / "tuning" / "x86"
 
 
-def test_tune_command_without_rpc_support_says_so(tmp_path):
-    from edgecc.cli import main
-
-    model = conv_model(tmp_path / "a.onnx", False, 0)
-    code = main(["tune", str(model), "--rpc-tracker", "127.0.0.1:9190", "--rpc-key", "rpi4"])
-    try:
-        import edgecc.rpc  # noqa: F401
-    except ImportError:
-        assert code == 2
-    else:
-        pytest.skip("edgecc.rpc is installed: the lead's merge connects it")
-
-
 def test_registrar_imports_only_the_target_intrinsics():
     code = (
         "import sys\nfrom edgecc.lower.tune import intrinsics_registrar\n"

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from edgecc.cli import main
 from edgecc.lower.tune import _builder, intrinsics_registrar, meta_schedule_logging
 from edgecc.rpc import RPCError, make_runner, runner_errors
-from tests.rpc.rpc_farm import LOCAL, free_port
+from tests.rpc.rpc_farm import LOCAL, free_port, matmul_relu
 
 TIMEOUT = 5.0  # session timeout of the candidates (s)
 
@@ -166,3 +167,62 @@ def test_tracker_gone_stops_tuning_with_one_line(runner, register, tmp_path):
         tune(matmul(), runner, tmp_path, register)
     assert "\n" not in str(caught.value)
     records(tmp_path)
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tune_command_over_rpc_end_to_end(capsys, farm, tmp_path):
+    """`edgecc tune --rpc-tracker --rpc-key x86`: the candidates are timed on the farm's x86
+    board, the records land in --records, the package matches ORT (compile's check)."""
+    import onnx
+
+    farm.wait("x86")
+    onnx.save(matmul_relu(), tmp_path / "m.onnx")
+    code, out, err = cli(
+        capsys,
+        "--json",
+        "tune",
+        tmp_path / "m.onnx",
+        "--trials",
+        "2",
+        "--records",
+        tmp_path / "records",
+        "-o",
+        tmp_path / "pkg",
+        "--rpc-tracker",
+        farm.tracker,
+        "--rpc-key",
+        "x86",
+    )
+    assert code == 0, err
+    facts = json.loads(out)["tuning"]
+    assert facts["kernels_tuned"] and facts["measured"] >= 1
+    lines = (tmp_path / "records" / "database_tuning_record.json").read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and len(lines) >= 2
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["library"]["tuning"]["kernels_tuned"] == facts["kernels_tuned"]
+
+
+def test_tune_command_with_the_tracker_down_is_one_line(capsys, tmp_path):
+    import onnx
+
+    onnx.save(matmul_relu(), tmp_path / "m.onnx")
+    code, _, err = cli(
+        capsys,
+        "tune",
+        tmp_path / "m.onnx",
+        "--trials",
+        "2",
+        "--records",
+        tmp_path / "r",
+        "--rpc-tracker",
+        f"127.0.0.1:{free_port()}",
+        "--rpc-key",
+        "x86",
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
