@@ -142,7 +142,7 @@ def test_arm_int8_kernels_exact_under_qemu(
     path, summary, asm = build_module(layer_module(LAYERS), get_target(target), tmp_path / "a.so")
     for name in instructions:
         assert re.search(rf"\b{name}\b", asm), name
-    assert summary["counts"].get("int8-matmul", 0) >= 2  # the int8 (s8) matmuls
+    assert summary["counts"].get("int8-matmul", 0) >= 1  # mm_s8 (ARM intrinsics take s8 only)
     inputs = _inputs(extreme=False)
     got = _run(path, target, inputs)
     for layer, out in zip(LAYERS, got, strict=True):
