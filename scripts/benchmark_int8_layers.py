@@ -119,7 +119,9 @@ def bench_layers(
         for name in names:
             layer = LAYERS[name]
             x = layer.random_input(rng)
-            int8_path, cov, _ = build_module(layer_module([layer]), target, Path(tmp) / f"{name}_i8.so")
+            int8_path, cov, _ = build_module(
+                layer_module([layer]), target, Path(tmp) / f"{name}_i8.so"
+            )
             fp32_path, _, _ = build_module(
                 layer_module([layer], floating=True), target, Path(tmp) / f"{name}_f32.so"
             )
@@ -187,7 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = bench_layers(args.layers.split(","), args.target, args.threads, args.rounds)
     cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if "model name" in ln), "?"
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in ln
+        ),
+        "?",
     )
     print(f"CPU: {cpu}, {args.threads} threads, load {os.getloadavg()[0]:.1f}")
     print(table(rows))
