@@ -36,7 +36,6 @@ from edgecc.lower.schedules.conv2d import (
     accumulator_budget,
     find_conv_block,
     fuse_epilogue,
-    register_tile,
     schedule_conv,
     schedule_elementwise,
     vectorize_innermost,
@@ -102,7 +101,7 @@ class Int8Conv2d(CpuRule):
         conv = find_conv_block(sch)
         v, kp = chosen.lanes, chosen.kp
         budget = accumulator_budget(self.params)
-        mr, nf = register_tile(shape.ow, shape.f, v, budget, min(3, budget // 4))
+        mr, nf = dot_tile(shape.ow, shape.f, v, budget, min(3, budget // 4))
         producers = [b for b in sch.get_producers(conv) if sch.get(b).name_hint != "root"]
         if not pack_weights(sch, conv, nf, kp):
             return None
@@ -126,6 +125,23 @@ class Int8Conv2d(CpuRule):
         for block in producers:
             schedule_elementwise(sch, block, v)
         return sch
+
+
+def dot_tile(ow: int, f: int, lanes: int, budget: int, max_vectors: int) -> tuple[int, int]:
+    """``(mr, nf)`` for the dot-product micro-kernel: ``mr`` dividing ``ow`` (a partial pixel
+    tile puts a predicate on the block, which tensorize refuses), ``nf = nv * lanes`` dividing
+    ``f``, ``mr * nv <= budget``, the most products per load ``mr * nv / (mr + nv)``; ties to
+    the larger tile."""
+    best: tuple[float, int, int, int] | None = None
+    for nv in range(1, max_vectors + 1):
+        if f % (nv * lanes):
+            continue
+        for mr in range(1, min(ow, budget // nv) + 1):
+            if ow % mr == 0:
+                key = (round(mr * nv / (mr + nv), 6), mr * nv, nv, mr)
+                best = key if best is None or key > best else best
+    assert best is not None  # f % lanes == 0 was checked: nv = mr = 1 fits
+    return best[3], best[2] * lanes
 
 
 def pack_weights(sch: Any, conv: Any, nf: int, kp: int) -> bool:
