@@ -178,3 +178,12 @@ def test_x86_picks_vnni_from_cpuinfo(tmp_path: Path, flags: str, expected: str) 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert host_base(cpuinfo).name == expected
+
+
+@pytest.mark.parametrize(("ow", "f", "lanes"), [(14, 64, 8), (7, 512, 8), (56, 64, 16), (5, 4, 4)])
+def test_dot_tile_divides_width(ow: int, f: int, lanes: int) -> None:
+    """The dot-product conv tile never leaves a partial pixel tile (tensorize refuses those)."""
+    from edgecc.lower.schedules.int8_conv2d import dot_tile
+
+    mr, nf = dot_tile(ow, f, lanes, budget=12, max_vectors=3)
+    assert ow % mr == 0 and f % nf == 0 and nf % lanes == 0 and mr * (nf // lanes) <= 12
