@@ -415,6 +415,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
     p.add_argument(
+        "--int8-layers",
+        default="",
+        metavar="L1,L2",
+        help="also time single int8 layers (int8 edgecc vs ORT QLinearConv vs fp32 edgecc; "
+        "scripts/benchmark_int8_layers.py names them; 'all' for every one)",
+    )
+    p.add_argument(
         "--json",
         nargs="?",
         const="-",
@@ -448,6 +455,12 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException as err:  # noqa: BLE001 (load_minilm skips with pytest's exception)
             log.exception("%s failed", name)
             errors[name] = f"{type(err).__name__}: {err}"
+    layer_rows = []
+    if args.int8_layers:
+        from scripts.benchmark_int8_layers import LAYERS, bench_layers
+
+        names = list(LAYERS) if args.int8_layers == "all" else args.int8_layers.split(",")
+        layer_rows = bench_layers(names, TARGET, args.threads, args.rounds)
     result = {
         "command": command.strip(),
         "machine": machine(),
@@ -456,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
         "rows": rows,
+        "int8_layers": layer_rows,
         "errors": errors,
     }
     if args.markdown:
@@ -468,6 +482,10 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"CPU: {result['machine']['cpu']}, {args.threads} threads per engine")
         print(table(rows))
+        if layer_rows:
+            from scripts.benchmark_int8_layers import table as layer_table
+
+            print(layer_table(layer_rows))
 
 
 if __name__ == "__main__":

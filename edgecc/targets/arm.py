@@ -43,3 +43,42 @@ register_target(
         vector_bits=128,
     )
 )
+
+register_target(
+    Target(
+        name="rpi5",
+        description="Raspberry Pi 5: Cortex-A76, ARMv8.2-A with NEON and dot product (sdot)",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mcpu": "cortex-a76",
+            "mattr": ["+neon", "+dotprod"],
+            "num-cores": 4,
+        },
+        arch="aarch64",
+        cross_compiler="aarch64-linux-gnu-gcc",
+        runtime_needs=_NEEDS + "; 64-bit Raspberry Pi OS",
+        aliases=("raspberry-pi-5", "rpi5b"),
+        vector_bits=128,
+        cores=4,
+        l1d_bytes=64 * 1024,
+        l2_bytes=512 * 1024,
+    )
+)
+
+register_target(
+    Target(
+        name="arm64-v8.2",
+        description="generic ARMv8.2-A aarch64 CPU with NEON and dot product (sdot)",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mattr": ["+v8.2a", "+neon", "+dotprod"],
+        },
+        arch="aarch64",
+        cross_compiler="aarch64-linux-gnu-gcc",
+        runtime_needs=_NEEDS + "; a CPU with the ARMv8.2 dot-product extension",
+        aliases=("aarch64-dotprod",),
+        vector_bits=128,
+    )
+)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from edgecc.targets.base import Target, register_target
 
-_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon"]}
+_HOST = {
+    "kind": "llvm",
+    "mtriple": "aarch64-linux-gnu",
+    "mcpu": "cortex-a78",
+    "mattr": ["+neon", "+dotprod"],  # Cortex-A78AE (Orin) and Carmel (Xavier): ARMv8.2+
+}
 
 
 def _jetson(

@@ -44,23 +44,70 @@ X86_AVX512 = register_target(
 )
 
 
+X86_AVX512_VNNI = register_target(
+    Target(
+        name="x86-avx512-vnni",
+        description="x86-64 CPU with AVX-512 and AVX512-VNNI (Cascade Lake, Ice Lake, Zen 4/5)",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "x86_64-linux-gnu",
+            "mcpu": "x86-64-v4",
+            "mattr": ["+avx512vnni"],
+        },
+        arch="x86_64",
+        runtime_needs=_NEEDS + "; a CPU with AVX-512 (F, BW, DQ, VL) and AVX512-VNNI",
+        aliases=("avx512-vnni", "vnni"),
+        vector_bits=512,
+        l2_bytes=1024 * 1024,
+    )
+)
+
+X86_AVX_VNNI = register_target(
+    Target(
+        name="x86-avx-vnni",
+        description="x86-64 CPU with AVX2 and AVX-VNNI (Alder Lake, Zen 5 client)",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "x86_64-linux-gnu",
+            "mcpu": "x86-64-v3",
+            "mattr": ["+avxvnni"],
+        },
+        arch="x86_64",
+        runtime_needs=_NEEDS + "; a CPU with AVX2 and AVX-VNNI",
+        aliases=("avx-vnni",),
+        vector_bits=256,
+        l2_bytes=1024 * 1024,
+    )
+)
+
+
+def host_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The compiling host's CPU flags (empty when ``cpuinfo`` is unreadable)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def host_has_avx512(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when the compiling host's CPU flags include the AVX-512 subsets of x86-64-v4."""
-    try:
-        flags = next(
-            (
-                line.split(":", 1)[1].split()
-                for line in cpuinfo.read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= host_flags(cpuinfo)
 
 
-_HOST_BASE = X86_AVX512 if host_has_avx512() else X86_AVX2
+def host_base(cpuinfo: Path = Path("/proc/cpuinfo")) -> Target:
+    """The x86 record ``x86`` stands for on this host: AVX-512 + VNNI when the flags have
+    ``avx512_vnni``, AVX-512, AVX2 + AVX-VNNI (``avx_vnni``), else AVX2."""
+    flags = host_flags(cpuinfo)
+    if host_has_avx512(cpuinfo):
+        return X86_AVX512_VNNI if "avx512_vnni" in flags else X86_AVX512
+    return X86_AVX_VNNI if "avx_vnni" in flags else X86_AVX2
+
+
+_HOST_BASE = host_base()
 
 register_target(
     Target(

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Rule modules, imported on first use (each registers its rules). Listed here so the set of rules
 # is data: a new rule is a new file plus one entry.
 RULE_MODULES: tuple[str, ...] = (
+    "int8_matmul",
+    "int8_conv2d",
     "conv2d",
     "depthwise",
     "pooling",
