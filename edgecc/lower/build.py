@@ -36,7 +36,7 @@ import onnx
 
 from edgecc import interrupt
 from edgecc.errors import ToolchainError
-from edgecc.lower import cuda, schedules
+from edgecc.lower import cuda, int8_dynamic, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
 from edgecc.lower.schedules import CpuParams, ScheduleCoverage, schedules_enabled
 from edgecc.targets import Target
@@ -111,9 +111,10 @@ def lower(
 
     tvm_target = tvm_target_of(target)
     coverage = ScheduleCoverage()
+    dynamic = int8_dynamic.DynamicInt8Report.of(model)
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
-        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules))(mod)
+        mod = _pipeline(tvm_target, target, coverage, schedules_enabled(schedules), dynamic)(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
@@ -126,6 +127,8 @@ def lower(
     if target.device == "cpu":
         details["schedules"] = coverage.summary()
         details["schedule_rules"] = "on" if schedules_enabled(schedules) else "off"
+        if dynamic.rewritten or dynamic.declined:
+            details["int8_dynamic"] = dynamic.summary(coverage.kernels)
     notes: list[str] = []
     packer = cuda.PtxPacker(lambda src: _compile_ptx(src, target, tvm_target)) if nvcc else None
     say(
@@ -262,11 +265,19 @@ def _failed_op(printed: str) -> str | None:
     return None
 
 
-def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: bool = True):
+def _pipeline(
+    tvm_target,
+    target: Target,
+    coverage: ScheduleCoverage,
+    rules: bool = True,
+    dynamic: int8_dynamic.DynamicInt8Report | None = None,
+):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
 
     CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
+    Weight-only int8 matmuls become integer matmuls first (:mod:`edgecc.lower.int8_dynamic`,
+    facts in ``dynamic``), and their kernels are named once fused.
     CUDA: TVM's default pipeline (dlight GPU rules). ``rules=False`` leaves the rules (and their
     layout passes) out: TVM's serial default code, the build before the rules existed.
     """
@@ -279,12 +290,15 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: boo
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     params = CpuParams.of(target)
+    dynamic = dynamic or int8_dynamic.DynamicInt8Report()
+    head.append(int8_dynamic.rewrite_pass(dynamic))
     if not rules:
         return tvm.transform.Sequential(
             [
                 *head,
                 *cpu.library_dispatch_passes(tvm_target),
                 *cpu.legalize_passes(tvm_target),
+                int8_dynamic.locate_pass(dynamic),
                 *cpu.dataflow_lower_passes(tvm_target),
                 *cpu.finalize_passes(tvm_target),
             ]
@@ -296,6 +310,7 @@ def _pipeline(tvm_target, target: Target, coverage: ScheduleCoverage, rules: boo
             *schedules.pre_legalize_passes(params),
             *cpu.legalize_passes(tvm_target),
             schedules.apply_schedules(params, coverage),
+            int8_dynamic.locate_pass(dynamic),
             *schedules.post_schedule_passes(params),
             *cpu.dataflow_lower_passes(tvm_target),
             *cpu.finalize_passes(tvm_target),
