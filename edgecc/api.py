@@ -141,7 +141,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         CheckFailedError: the agreement with the source is below ``min_cosine``.
     """
     from edgecc.frontend import load_model
-    from edgecc.lower import check_coverage, check_toolchain, lower
+    from edgecc.lower import check_coverage, check_toolchain, int8_dynamic, lower
     from edgecc.passes import PassContext, PassManager, PassSpec, format_pipeline, parse_pipeline
     from edgecc.passes.dump import DumpInstrument
     from edgecc.passes.manager import FailureDumpInstrument
@@ -236,7 +236,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             },
             "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
             "int8_execution": tgt.int8_execution,
-            "check": check_rule(final, expected),
+            "check": int8_dynamic.check_rule(check_rule(final, expected), lib.details),
         }
         write_json(staging / MANIFEST, manifest)
         rows = dump.rows

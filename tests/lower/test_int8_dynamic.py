@@ -364,3 +364,35 @@ def test_weight_fingerprints_name_the_onnx_nodes() -> None:
     assert names[fingerprint(q)] == ["gemm_t_mm"]
     assert {p.key: p.value for p in model.metadata_props}[METADATA_KEY] == "per-row"
     assert MAX_K == 66311  # K * 255 * 127 < 2^31
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_tiny_transformer_end_to_end(tmp_path, capsys) -> None:
+    """``edgecc compile --passes dynamic-quant``: every Linear runs as an integer matmul, the
+    package passes its own ``run --check`` (the dynamic-int8 rule) and stays within cosine
+    0.999 of torch (activation and weight rounding: measured 0.99997)."""
+    import torch
+
+    from edgecc.cli import main
+    from edgecc.package import Package
+    from tests.models import make_model as make_torch_model
+
+    net = make_torch_model("tiny_transformer")
+    (ids,) = net.example_inputs()
+    source = tmp_path / "t.onnx"
+    torch.onnx.export(net, (ids,), str(source), input_names=["input_ids"], dynamo=False)
+    out = tmp_path / "pkg"
+    spec = "input_ids:1x16:int64"
+    args = ["-q", "compile", source, "--target", "x86", "--input-shape", spec, "-o", out]
+    assert main([str(a) for a in [*args, "--passes", "dynamic-quant"]]) == 0
+    pkg = Package(out)
+    facts = pkg.manifest["library"]["int8_dynamic"]
+    linears = sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+    assert facts["int8_matmuls"] == linears and not facts["declined"], facts
+    assert pkg.manifest["check"]["kind"] == "dynamic-int8"
+    capsys.readouterr()
+    # --min-cosine: against torch's outputs on the probe input, recorded at compile time
+    assert main(["--json", "run", str(out), "--check", "--min-cosine", "0.999"]) == 0
+    assert json.loads(capsys.readouterr().out)["check"]["passed"]
+    assert main(["inspect", str(out)]) == 0
+    assert f"int8 dyn  {linears} MatMul/Gemm" in capsys.readouterr().out
