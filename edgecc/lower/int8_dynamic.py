@@ -44,7 +44,9 @@ Error: ``|y - x @ (W_q s_w)| <= (s_x / 2) * sum_k |W_q'[k, n]| * s_w[n]`` per ou
 rounding; saturation cannot happen since the range covers the row), on top of the weight
 rounding error the weight-only graph already has.
 
-Declined, with a reason in the report (the matmul then stays float, as before): a non-constant
+Not matched: activations that are themselves dequantized (static QDQ graphs, whose integer
+lowering is :mod:`edgecc.lower.int8`'s). Declined, with a reason in the report (the matmul then
+stays float, as before): a non-constant
 or non-int8 ``W_q`` or scale, a non-zero weight zero point, a weight of rank other than 2, a
 per-channel axis along ``K``, a float16/float64 ``x``, ``K >= 66,000``, and the weight-first
 form ``W @ x``. Only CPU (``llvm``) targets use the rewrite; CUDA keeps the float lowering.
@@ -219,7 +221,10 @@ def _match(mutator: Any, call: Any) -> tuple[dict[str, Any] | None, str | None]:
     if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
         return None, None
     x, w = call.args
-    if isinstance(x, relax.Var) and _is_dequantize(mutator.lookup_binding(x)):
+    x_bound = mutator.lookup_binding(x) if isinstance(x, relax.Var) else x
+    if _is_dequantize(x_bound):
+        if _const(x_bound.args[0]) is None:
+            return None, None  # a static QDQ activation: edgecc.lower.int8's pattern, not ours
         return None, "the weight is the first operand (W @ x)"
     bound = mutator.lookup_binding(w) if isinstance(w, relax.Var) else w
     transposed = False

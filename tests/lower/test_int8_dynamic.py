@@ -315,6 +315,8 @@ def test_declines_what_it_cannot_run_as_integers(tmp_path) -> None:
         numpy_helper.from_array(np.full(8, 0.01, F32), "s_k"),
         numpy_helper.from_array(np.zeros(8, np.int8), "z_k"),
         numpy_helper.from_array(np.ones(6, np.int8), "z1"),
+        numpy_helper.from_array(np.array(0.02, F32), "s_a"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z_a"),
     ]
     nodes = [
         helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"], axis=1, name="dq"),
@@ -323,6 +325,10 @@ def test_declines_what_it_cannot_run_as_integers(tmp_path) -> None:
         helper.make_node("MatMul", ["wd", "a"], ["first"], name="weight_first"),
         helper.make_node("MatMul", ["b", "wk"], ["along_k"], name="scales_along_k"),
         helper.make_node("MatMul", ["b", "w1"], ["zp"], name="zero_point_1"),
+        # static QDQ (activation quantized by the graph): edgecc.lower.int8's, not matched here
+        helper.make_node("QuantizeLinear", ["b", "s_a", "z_a"], ["bq"], name="q_act"),
+        helper.make_node("DequantizeLinear", ["bq", "s_a", "z_a"], ["bd"], name="dq_act"),
+        helper.make_node("MatMul", ["bd", "wk"], ["static"], name="static_qdq"),
     ]
     model = make_model(
         nodes,
@@ -332,7 +338,7 @@ def test_declines_what_it_cannot_run_as_integers(tmp_path) -> None:
         ],
         [
             helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
-            for n, s in (("first", [8, 3]), ("along_k", [4, 6]), ("zp", [4, 6]))
+            for n, s in (("first", [8, 3]), ("along_k", [4, 6]), ("zp", [4, 6]), ("static", [4, 6]))
         ],
         inits,
     )
@@ -351,7 +357,7 @@ def test_declines_what_it_cannot_run_as_integers(tmp_path) -> None:
         ]
     )
     feeds = {k: rng.standard_normal(v).astype(F32) for k, v in shapes.items()}
-    got = _run(lib.path, feeds, ["first", "along_k", "zp"])
+    got = _run(lib.path, feeds, ["first", "along_k", "zp", "static"])
     ref = run_onnx(model, feeds)
     for name, value in ref.items():  # still right: the float lowering
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
