@@ -402,3 +402,13 @@ def test_tiny_transformer_end_to_end(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["check"]["passed"]
     assert main(["inspect", str(out)]) == 0
     assert f"int8 dyn  {linears} MatMul/Gemm" in capsys.readouterr().out
+
+
+def test_activations_option_is_recorded_and_checked() -> None:
+    from edgecc.errors import UserInputError
+    from edgecc.passes import PassManager, parse_pipeline
+
+    out = PassManager(parse_pipeline("dynamic-quant(activations=per-tensor)")).run(_float_graph())
+    assert {p.key: p.value for p in out.metadata_props}[METADATA_KEY] == "per-tensor"
+    with pytest.raises(UserInputError, match="activations=nope must be one of per-row"):
+        QuantizeDynamic(activations="nope")
