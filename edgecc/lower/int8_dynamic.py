@@ -20,9 +20,10 @@ FuseOps puts them in the matmul's epilogue):
        z_x = clip(round(-lo / s_x), 0, 255)
        x_q = clip(round(x / s_x) + z_x, 0, 255)        (uint8; round half to even)
 
-   One kernel (two row reductions and an elementwise step) computes ``x_q``, ``s_x``, ``z_x``;
-   it is marked opaque so FuseOps does not inline it into the matmul (it would be recomputed for
-   every column block), and the reduction/elementwise CPU rules schedule it.
+   Two kernels: the row ranges (two reductions and ``s_x``, ``z_x`` in one ``[rows, 2]`` output,
+   which the row-reduction rule schedules) and the elementwise rounding (the elementwise rule).
+   Both are marked opaque so FuseOps does not inline the rounding into the matmul (it would be
+   recomputed for every column block).
 2. **Integer matmul** ``acc = matmul(x_q, W_q', out_dtype="int32")`` (``relax.op.matmul``, uint8 x
    int8, exact in int32 while ``K * 255 * 127 < 2^31``, i.e. ``K < 66,000``), ``W_q'`` the
    weight as a constant int8 ``[K, N]`` (Gemm ``transB`` is transposed at compile time), so a
@@ -164,53 +165,54 @@ def _const(expr: Any) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
-def _quantize_te(x: Any, per_tensor: bool) -> list[Any]:
-    """TE of step 1: ``x_q`` (uint8, shape of x), ``s_x`` (float32) and ``z_x`` (int32), both
-    shaped as ``x`` with the reduced axes kept as 1."""
+def _row_params_te(x: Any, per_tensor: bool) -> Any:
+    """TE of step 1's range: ``params[..., 0] = s_x``, ``params[..., 1] = z_x`` (float32), shaped
+    ``x.shape[:-1] + [2]`` (per row) or ``[1, 2]`` (per tensor). One output block, so TVM's row
+    reduction rule can compute the two reductions inside the parallel row loop."""
     from tvm import te, tirx
 
     rank = len(x.shape)
     red_axes = list(range(rank)) if per_tensor else [rank - 1]
-    red_shape = [1 if a in red_axes else x.shape[a] for a in range(rank)]
+    rows = [1] if per_tensor else list(x.shape[:-1])
 
     def reduce(fn: Any, name: str) -> Any:
         ks = [te.reduce_axis((0, x.shape[a]), f"k{a}") for a in red_axes]
 
         def body(*idx: Any) -> Any:
-            full = list(idx)
-            for a, k in zip(red_axes, ks, strict=True):
-                full[a] = k
+            full = list(ks) if per_tensor else [*idx, ks[0]]
             return fn(x[tuple(full)], axis=ks)
 
-        return te.compute(red_shape, body, name=name)
+        return te.compute(rows, body, name=name)
 
     hi = reduce(te.max, "row_max")
     lo = reduce(te.min, "row_min")
     f32 = "float32"
     zero, one, qmax = (tirx.const(v, f32) for v in (0.0, 1.0, 255.0))
 
-    def scale_of(*i: Any) -> Any:
-        span = tirx.max(hi[i], zero) - tirx.min(lo[i], zero)
-        return tirx.Select(span == zero, one, span / qmax)
+    def params(*i: Any) -> Any:
+        r = i[:-1]
+        low = tirx.min(lo[r], zero)
+        span = tirx.max(hi[r], zero) - low
+        scale = tirx.Select(span == zero, one, span / qmax)
+        zp = tirx.max(tirx.min(tirx.round(zero - low / scale), qmax), zero)
+        return tirx.Select(i[-1] == 0, scale, zp)
 
-    scale = te.compute(red_shape, scale_of, name="act_scale")
+    return te.compute([*rows, 2], params, name="act_params")
 
-    def zero_point_of(*i: Any) -> Any:
-        z = tirx.round(zero - tirx.min(lo[i], zero) / scale[i])
-        return tirx.Cast("int32", tirx.max(tirx.min(z, qmax), zero))
 
-    zp = te.compute(red_shape, zero_point_of, name="act_zero_point")
+def _quantize_te(x: Any, params: Any, per_tensor: bool) -> Any:
+    """TE of step 1's rounding: ``x_q = clip(round(x / s_x) + z_x, 0, 255)`` as uint8."""
+    from tvm import te, tirx
 
-    def row(idx: tuple) -> tuple:
-        return tuple(0 if a in red_axes else idx[a] for a in range(rank))
+    f32 = "float32"
+    zero, qmax = tirx.const(0.0, f32), tirx.const(255.0, f32)
 
     def quantize(*i: Any) -> Any:
-        r = row(i)
-        q = tirx.round(x[i] / scale[r]) + tirx.Cast(f32, zp[r])
+        r = (0,) if per_tensor else i[:-1]
+        q = tirx.round(x[i] / params[(*r, 0)]) + params[(*r, 1)]
         return tirx.Cast("uint8", tirx.max(tirx.min(q, qmax), zero))
 
-    xq = te.compute(x.shape, quantize, name="act_quantized")
-    return [xq, scale, zp]
+    return te.compute(x.shape, quantize, name="act_quantized")
 
 
 def _match(mutator: Any, call: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -272,19 +274,37 @@ def _is_dequantize(expr: Any) -> bool:
 
 
 def _quantize(bb: Any, x: Any, per_tensor: bool) -> tuple[Any, Any, Any]:
-    """Step 1 emitted into ``bb``: ``(x_q, s_x, z_x)`` Relax vars."""
+    """Step 1 emitted into ``bb``: ``(x_q, s_x, z_x)``, ``s_x`` float32 and ``z_x`` int32 shaped
+    to broadcast against the matmul's output. Both kernels are opaque to FuseOps."""
     from tvm import relax
 
-    quantized = bb.emit(
+    opaque = {"op_pattern": _OPAQUE}
+    params = bb.emit(
+        bb.call_te(
+            _row_params_te,
+            x,
+            per_tensor,
+            primfunc_name_hint="dynamic_quantize_range",
+            primfunc_attrs=opaque,
+        )
+    )
+    x_q = bb.emit(
         bb.call_te(
             _quantize_te,
             x,
+            params,
             per_tensor,
             primfunc_name_hint="dynamic_quantize_act",
-            primfunc_attrs={"op_pattern": _OPAQUE},
+            primfunc_attrs=opaque,
         )
     )
-    return tuple(bb.emit(relax.TupleGetItem(quantized, i)) for i in range(3))  # type: ignore
+    last = len(params.ty.shape) - 1
+
+    def column(c: int) -> Any:
+        return bb.emit(relax.op.strided_slice(params, axes=[last], begin=[c], end=[c + 1]))
+
+    s_x, z_x = column(0), bb.emit(relax.op.astype(column(1), "int32"))
+    return x_q, s_x, z_x
 
 
 def _integer_matmul(parts: dict[str, Any], quantized: tuple[Any, Any, Any]) -> Any:

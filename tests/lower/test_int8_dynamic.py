@@ -275,9 +275,11 @@ def test_every_matmul_is_integer_and_reported(libraries) -> None:
     for row in layers.values():
         assert row["kernel"] in kernels and row["rule"] == kernels[row["kernel"]], row
         assert row["rule"] != "none", row
-    quantize = [k for k in kernels if k.startswith("dynamic_quantize_act")]
-    assert len(quantize) == len(CASES)  # mm3d's input quantized once for two matmuls
-    assert all(kernels[k] in ("reduction", "row-reduction") for k in quantize), kernels
+    ranges = [k for k in kernels if k.startswith("dynamic_quantize_range")]
+    rounding = [k for k in kernels if k.startswith("dynamic_quantize_act")]
+    assert len(ranges) == len(rounding) == len(CASES)  # mm3d's input quantized once for two
+    assert all(kernels[k] in ("reduction", "row-reduction") for k in ranges), kernels
+    assert all(kernels[k] == "elementwise" for k in rounding), kernels
     json.dumps(facts)  # goes into the manifest
 
 
