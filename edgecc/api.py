@@ -161,7 +161,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             ``max_drop`` budget cannot be met.
     """
     from edgecc.frontend import load_model
-    from edgecc.lower import check_coverage, check_toolchain, lower
+    from edgecc.lower import check_coverage, check_toolchain, int8_dynamic, lower
     from edgecc.passes import PassContext, PassManager, PassSpec, format_pipeline, parse_pipeline
     from edgecc.passes.dump import DumpInstrument
     from edgecc.passes.manager import FailureDumpInstrument
@@ -275,7 +275,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             },
             "onnx": {"file": ONNX_MODEL, "sha256": sha256_file(staging / ONNX_MODEL)},
             "int8_execution": _int8_execution(final, tgt, lib.details),
-            "check": check_rule(final, expected),
+            "check": int8_dynamic.check_rule(check_rule(final, expected), lib.details),
             **(budget.record(final) if budget is not None else {}),
         }
         write_json(staging / MANIFEST, manifest)

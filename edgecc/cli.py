@@ -645,6 +645,7 @@ def inspect_cmd(package: Path) -> None:
             *(f"note      {n}" for n in lib.get("notes", [])),
             f"sizes     {_sizes(r)}",
             *(_int8_lines(m["int8_execution"]) if pkg.uses_int8() else []),
+            *_int8_dynamic_lines(lib.get("int8_dynamic")),
             f"check     {_rule_text(m.get('check'))}",
             "versions  " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
             "",
@@ -662,6 +663,21 @@ def _int8_lines(execution: Any) -> list[str]:
     return [f"int8      {line}" for line in compact_lines(execution)]
 
 
+def _int8_dynamic_lines(facts: dict[str, Any] | None) -> list[str]:
+    """``inspect`` lines for MatMuls lowered as dynamic int8 (edgecc.lower.int8_dynamic)."""
+    if not facts:
+        return []
+    lines = [
+        f"int8 dyn  {facts['int8_matmuls']} MatMul/Gemm as u8 x s8 -> i32 kernels, activations "
+        f"quantized {facts['activations']} at run time, {len(facts['declined'])} left float"
+    ]
+    lines += [
+        f"          {r['node']}: {r['kernel']} ({r.get('rule', '?')})" for r in facts["layers"]
+    ]
+    lines += [f"          float: {d['node']}: {d['reason']}" for d in facts["declined"]]
+    return lines
+
+
 def _rule_text(rule: dict[str, Any] | None) -> str:
     if not rule:
         return "fp32 rule (recorded before rules were stored)"
@@ -670,7 +686,8 @@ def _rule_text(rule: dict[str, Any] | None) -> str:
             f"quantized rule: <= {rule['max_steps']:g} quantization steps per output, "
             f"cosine >= {rule['min_cosine']}"
         )
-    return f"fp32 rule: max_rel_diff <= {rule['max_rel_diff']}, cosine >= {rule['min_cosine']}"
+    kind = rule.get("kind", "fp32")
+    return f"{kind} rule: max_rel_diff <= {rule['max_rel_diff']}, cosine >= {rule['min_cosine']}"
 
 
 @cli.command("targets", epilog=_examples("edgecc targets", "edgecc --json targets"))

@@ -13,6 +13,11 @@ calibrated on 32 random samples), then times, in the same process run and on the
             also on int8 rows (torch eager has no int8 path here);
 ``rules off`` with ``--before``: the package's graph lowered without edgecc's schedule rules
             (TVM 0.27's unscheduled default: the build before the rules), timed like ``edgecc``;
+``dynamic`` (transformers, unless ``--no-dynamic``) default passes + ``dynamic-quant``: int8
+            weights, activations quantized per row at run time, integer matmuls
+            (:mod:`edgecc.lower.int8_dynamic`); the peer is ONNX Runtime on its own
+            ``quantize_dynamic`` model of the source ONNX (per-channel int8 weights), and the row
+            also gives ``edgecc dynamic / edgecc fp32`` (the fp32 library timed in the same rounds);
 ``tuned``   with ``--tune-trials N[,M...]``: the package's graph lowered by
             :func:`edgecc.lower.tune.lower_tuned` (MetaSchedule, N measured schedules per fused
             kernel), timed like ``edgecc`` (rows ``fp32 tuned xN``, ``int8 tuned xN``).
@@ -29,8 +34,8 @@ Usage::
 
     python scripts/benchmark.py [--models resnetish,mobilenetv2ish,tiny_transformer,resnet18,
         mobilenetv2,efficientnet_lite0,minilm]
-        [--no-int8] [--before] [--tune-trials N] [--repeat 30] [--warmup 3] [--rounds 3]
-        [--threads 2]
+        [--no-int8] [--no-dynamic] [--before] [--tune-trials N] [--repeat 30] [--warmup 3]
+        [--rounds 3] [--threads 2]
         [--json [PATH]] [--markdown docs/benchmark.md]
 """
 
@@ -83,6 +88,8 @@ ALL_MODELS = (
 )
 EXTRA_MODELS = ("resnet34",)  # on request only: ResNet-18's kernels, for record reuse
 INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18", "mobilenetv2", "efficientnet_lite0")
+DYNAMIC_MODELS = ("tiny_transformer", "minilm")
+FP32_PEER = "fp32 edgecc"  # the fp32 library, timed beside the dynamic one
 MINILM_SEQ = 128
 
 Inputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
@@ -253,7 +260,34 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 pkg, work / f"{variant}-tuned{trials}", trials, args.tuning_records
             )
         rows += time_variant(name, variant, pkg, libraries, graph, torch_engine, feeds, args)
+    if args.dynamic and name in DYNAMIC_MODELS:
+        pkg = edgecc.compile(
+            source,
+            TARGET,
+            out=work / "dynamic",
+            passes=f"{get_target(TARGET).default_passes},dynamic-quant",
+        )
+        libraries = {"edgecc": (pkg.library, {}), FP32_PEER: (packages["fp32"].library, {})}
+        rows += time_variant(
+            name,
+            "dynamic",
+            pkg,
+            libraries,
+            ort_quantize_dynamic(source, work),
+            torch_engine,
+            feeds,
+            args,
+        )
     return rows
+
+
+def ort_quantize_dynamic(source: Path, work: Path) -> onnx.ModelProto:
+    """ONNX Runtime's ``quantize_dynamic`` model of ``source`` (per-channel int8 weights)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = work / "ort-dynamic.onnx"
+    quantize_dynamic(str(source), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return onnx.load(str(out))
 
 
 def time_variant(
@@ -289,6 +323,11 @@ def time_variant(
                 "vs_ort": ratio(stats[engine], stats["ort"]),
                 "vs_torch": ratio(stats[engine], stats["torch"]),
                 "ort_vs_torch": ratio(stats["ort"], stats["torch"]),
+                **(
+                    {"vs_edgecc_fp32": ratio(stats[engine], stats[FP32_PEER])}
+                    if FP32_PEER in stats and engine != FP32_PEER
+                    else {}
+                ),
                 "check_vs_ort": compare_outputs(outputs, expected),
                 "times": {"edgecc": stats[engine], "ort": stats["ort"], "torch": stats["torch"]},
                 "build_seconds": tuning.get(
@@ -342,6 +381,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(row['vs_torch'])} | {fmt(row['ort_vs_torch'])} | "
             f"{row['check_vs_ort']['cosine']:.6f} | {row['build_seconds']:.0f} |"
         )
+    lines += [
+        f"\n{row['model']} dynamic: edgecc dynamic-quant / edgecc fp32 = "
+        f"{fmt(row['vs_edgecc_fp32'])}"
+        for row in rows
+        if "vs_edgecc_fp32" in row
+    ]
     return "\n".join(lines)
 
 
@@ -370,7 +415,10 @@ it, per row in the JSON): ratios carry over, absolute times do not.
   {CALIB_SAMPLES} random samples); ONNX Runtime runs the same QDQ graph (its integer kernels);
   torch stays fp32. `tuned xN`: the same graph lowered by `edgecc.lower.tune.lower_tuned`
   (MetaSchedule, N measured schedules per fused kernel; tuning seconds in the JSON), not
-  edgecc's default build (see [tvm-cpu-speed.md](tvm-cpu-speed.md)).
+  edgecc's default build (see [tvm-cpu-speed.md](tvm-cpu-speed.md)). `dynamic`: default
+  passes + `dynamic-quant` (integer matmuls, activations quantized per row at run time); ONNX
+  Runtime runs its own `quantize_dynamic` model (per-channel int8 weights, per-tensor dynamic
+  activations); `dynamic fp32 edgecc` is the fp32 library timed against that same peer.
 * `cosine vs ORT`: edgecc's output against ONNX Runtime's on the timed inputs. `build s`: TVM
   lowering and build (and tuning, for the tuned rows) in seconds.
 * Absolute medians and sample counts are in the JSON output (`--json`); they drift between runs.
@@ -385,6 +433,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(ALL_MODELS + EXTRA_MODELS)}",
     )
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
+    p.add_argument(
+        "--no-dynamic",
+        dest="dynamic",
+        action="store_false",
+        help="skip the dynamic-quant rows (transformers)",
+    )
     p.add_argument(
         "--before",
         action="store_true",

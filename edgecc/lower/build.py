@@ -36,7 +36,7 @@ import onnx
 
 from edgecc import interrupt
 from edgecc.errors import ToolchainError
-from edgecc.lower import cuda, schedules
+from edgecc.lower import cuda, int8_dynamic, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
 from edgecc.lower.int8 import Int8Log, integer_lowering_passes
 from edgecc.lower.int8.layers import assign_kernels, record_kernels_pass
@@ -124,6 +124,7 @@ def lower(
     coverage = ScheduleCoverage()
     int8_log = Int8Log()
     int8_kernel_calls: list[str] = []
+    dynamic = int8_dynamic.DynamicInt8Report.of(model)
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     with tvm_target:
         mod = _pipeline(
@@ -135,6 +136,7 @@ def lower(
             int8_kernel_calls,
             tuning,
             say,
+            dynamic,
         )(mod)
     say("building TIR kernels with LLVM" + (" and CUDA codegen" if target.device == "cuda" else ""))
     with tvm_target, _device_compiler(target, nvcc):
@@ -150,6 +152,8 @@ def lower(
         details["schedule_rules"] = "on" if schedules_enabled(schedules) else "off"
         details["int8_ops"] = [asdict(d) for d in int8_log.decisions]
         assign_kernels(details["int8_ops"], int8_kernel_calls)
+        if dynamic.rewritten or dynamic.declined:
+            details["int8_dynamic"] = dynamic.summary(coverage.kernels)
     notes: list[str] = []
     if tuning is not None:
         from edgecc.lower.tune import reproducibility_note
@@ -300,6 +304,7 @@ def _pipeline(
     int8_kernels: list[str] | None = None,
     tuning: Any = None,
     say: Callable[[str], None] = log.info,
+    dynamic: int8_dynamic.DynamicInt8Report | None = None,
 ):
     """The Relax pipeline for ``tvm_target`` (see the module docstring for the choice).
 
@@ -309,6 +314,8 @@ def _pipeline(
 
     CPU: TVM's CPU pipeline split in two around edgecc's schedule rules, which run on the fused
     kernels (:mod:`edgecc.lower.schedules`), with the rules' layout passes before legalization.
+    Weight-only int8 matmuls become integer matmuls first (:mod:`edgecc.lower.int8_dynamic`,
+    facts in ``dynamic``), and their kernels are named once fused.
     CUDA: TVM's default pipeline (dlight GPU rules). ``rules=False`` leaves the rules (and their
     layout passes) out: TVM's serial default code, the build before the rules existed.
     ``tuning`` (:class:`edgecc.lower.tune.Tuning`) puts the record pass before the rules.
@@ -324,6 +331,8 @@ def _pipeline(
     params = CpuParams.of(target)
     head = [*head, *integer_lowering_passes(int8_log)]
     kernels = record_kernels_pass(int8_kernels if int8_kernels is not None else [])
+    dynamic = dynamic or int8_dynamic.DynamicInt8Report()
+    head.append(int8_dynamic.rewrite_pass(dynamic))
     if not rules:
         return tvm.transform.Sequential(
             [
@@ -331,6 +340,7 @@ def _pipeline(
                 *cpu.library_dispatch_passes(tvm_target),
                 *cpu.legalize_passes(tvm_target),
                 kernels,
+                int8_dynamic.locate_pass(dynamic),
                 *cpu.dataflow_lower_passes(tvm_target),
                 *cpu.finalize_passes(tvm_target),
             ]
@@ -344,6 +354,7 @@ def _pipeline(
             kernels,
             *_records(tuning, target, params, coverage, say),
             schedules.apply_schedules(params, coverage),
+            int8_dynamic.locate_pass(dynamic),
             *schedules.post_schedule_passes(params),
             *cpu.dataflow_lower_passes(tvm_target),
             *cpu.finalize_passes(tvm_target),

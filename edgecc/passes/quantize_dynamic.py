@@ -17,6 +17,13 @@ fewer than ``min_size`` elements, nodes in ``skip`` (names or op types), and wei
 node that is not quantized (a tied embedding, say: the float copy would have to stay, so nothing
 would be saved). ``info`` reports the model bytes before and after. The model needs ONNX opset
 >= 13 (per-axis DequantizeLinear).
+
+``activations`` says how a compiled library runs the quantized MatMul/Gemm (the graph is the same
+either way; the choice is recorded in the model's metadata under :data:`ACTIVATIONS_KEY` for the
+lowering, :mod:`edgecc.lower.int8_dynamic`): ``per-row`` (default) quantizes each activation row
+to uint8 at run time and multiplies in integers, ``per-tensor`` does the same with one range per
+tensor (ONNX Runtime's ``quantize_dynamic`` arithmetic), ``float`` keeps float activations and a
+float matmul on dequantized weights (what ONNX Runtime computes for this graph).
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from edgecc.passes.insert_qdq import (
 from edgecc.passes.manager import PassContext, PassResult, register
 
 logger = logging.getLogger(__name__)
+
+ACTIVATIONS_KEY = "edgecc.dynamic_quant.activations"
+ACTIVATION_MODES = ("per-row", "per-tensor", "float")
 
 WEIGHT_SLOTS = {"MatMul": (0, 1), "Gemm": (1,), "LSTM": (1, 2), "GRU": (1, 2)}
 
@@ -129,12 +139,25 @@ class QuantizeDynamic:
     Args:
         skip: node names or op types to leave alone.
         min_size: leave weights with fewer elements alone.
+        activations: ``per-row``, ``per-tensor`` or ``float``: how compiled libraries treat the
+            activations of the quantized MatMul/Gemm (see the module docstring).
     """
 
     name = "dynamic-quant"
 
-    def __init__(self, skip: str | Sequence[str] | None = None, min_size: int = 0):
+    def __init__(
+        self,
+        skip: str | Sequence[str] | None = None,
+        min_size: int = 0,
+        activations: str = "per-row",
+    ):
         self.skip, self.min_size = as_list(skip), int(min_size)
+        if activations not in ACTIVATION_MODES:
+            raise UserInputError(
+                f"dynamic-quant: activations={activations} must be one of "
+                f"{', '.join(ACTIVATION_MODES)}"
+            )
+        self.activations = activations
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         check_names(model, "dynamic-quant: skip", self.skip)
@@ -155,6 +178,9 @@ class QuantizeDynamic:
             axis = _axis(node, slot, index.const(name).ndim)
             node.input[slot] = weights.dequantized(name, axis)[0]
         finish(model, weights.nodes, weights.replaced)
+        props = {p.key: p.value for p in model.metadata_props}
+        props[ACTIVATIONS_KEY] = self.activations
+        onnx.helper.set_model_props(model, props)
         info.update(
             {
                 "quantized": [{"node": n.name, "op": n.op_type, "weight": w} for n, _, w in found],
