@@ -103,6 +103,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     probe: str | Path | Mapping[str, np.ndarray] | None = None,
     min_cosine: float | None = None,
     progress: Progress | None = None,
+    train_data: str | Path | Mapping[str, np.ndarray] | None = None,
 ) -> Package:
     """Compile a model for a target into a package folder at ``out``.
 
@@ -133,6 +134,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             when the final graph's cosine against the source model's float reference on the
             probe is below this; below 0.99 a warning is logged either way.
         progress: called with one-line progress messages.
+        train_data: training data for ``distill`` (``.npz`` path or arrays by input name, plus
+            optional ``labels``).
 
     Returns:
         The written :class:`Package`.
@@ -179,7 +182,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         # fail before any pass or compile time is spent (ops a pass will expand excepted)
         check_coverage(loaded.model, {s.name for s in specs} - set(disable_passes))
 
-        ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed)
+        ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed, progress=say)
         dump = DumpInstrument(dump_dir, loaded.reference_outputs)
         instruments = [dump] + ([FailureDumpInstrument(Path(dump_dir))] if dump_dir else [])
         manager = PassManager(specs, instruments, disabled=disable_passes)
@@ -191,6 +194,12 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             ctx.calibration, ctx.calibration_source = load_calibration(
                 calib, loaded.inputs, limit=calib_samples, seed=seed
             )
+        if train_data is not None and not manager.uses("distill"):
+            logger.warning("--train has no effect: no distill pass in the pipeline")
+        elif train_data is not None:
+            from edgecc.train import load_train_data
+
+            ctx.train_data, ctx.train_source = load_train_data(train_data)
         effective = manager.effective
         say(f"running {len(effective)} passes: {format_pipeline(effective) or '(none)'}")
         final = manager.run(loaded.model, ctx)  # lower() checks coverage again before TVM
@@ -227,6 +236,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "pipeline": format_pipeline(specs),
             "disabled_passes": sorted(manager.disabled),
             "calibration": ctx.calibration_source,
+            "train_data": ctx.train_source,
             "library": {
                 "file": LIBRARY,
                 "sha256": sha256_file(lib.path),

@@ -173,6 +173,13 @@ def _target_names() -> str:
     "--calib-samples", type=int, default=None, help="Use at most this many calibration samples."
 )
 @click.option(
+    "--train",
+    "train_data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Training data for distill: .npz with arrays named like the inputs, optional labels.",
+)
+@click.option(
     "--probe",
     type=click.Path(path_type=Path),
     help="Input (.npy/.npz) the reference and per-pass comparisons use [default: seeded N(0,1)].",
@@ -217,6 +224,7 @@ def compile_cmd(
     time_passes: bool,
     calib: str | None,
     calib_samples: int | None,
+    train_data: Path | None,
     probe: Path | None,
     trust_code: bool,
     input_values: tuple[str, ...],
@@ -247,6 +255,7 @@ def compile_cmd(
         probe=probe,
         min_cosine=min_cosine,
         progress=_progress,
+        train_data=train_data,
     )
     rep, man = pkg.report, pkg.manifest
     rows = rep["passes"]

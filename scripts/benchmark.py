@@ -72,8 +72,15 @@ WORK_DIR = ROOT / "build" / "benchmark"
 TARGET = "x86"
 CALIB_SAMPLES = 32
 MIN_SAMPLES_PER_ROUND = 3
-ALL_MODELS = ("resnetish", "mobilenetv2ish", "tiny_transformer", "resnet18", "mobilenetv2",
-              "efficientnet_lite0", "minilm")
+ALL_MODELS = (
+    "resnetish",
+    "mobilenetv2ish",
+    "tiny_transformer",
+    "resnet18",
+    "mobilenetv2",
+    "efficientnet_lite0",
+    "minilm",
+)
 INT8_MODELS = ("resnetish", "mobilenetv2ish", "resnet18", "mobilenetv2", "efficientnet_lite0")
 MINILM_SEQ = 128
 
@@ -112,8 +119,9 @@ def timed_calls(call: Callable[[], Any], n: int, warmup: int) -> list[float]:
 
 def in_process_engine(name: str, call: Callable[[], Any]) -> Engine:
     """An engine timed here with perf_counter (ORT, torch); its estimate from two warm calls."""
-    return Engine(name, lambda n, warmup: timed_calls(call, n, warmup),
-                  min(timed_calls(call, 2, 1)))
+    return Engine(
+        name, lambda n, warmup: timed_calls(call, n, warmup), min(timed_calls(call, 2, 1))
+    )
 
 
 def library_engine(name: str, library: Path, feeds: dict[str, np.ndarray], threads: int) -> Engine:
@@ -121,8 +129,9 @@ def library_engine(name: str, library: Path, feeds: dict[str, np.ndarray], threa
     target = get_target(TARGET)
 
     def measure(n: int, warmup: int) -> list[float]:
-        return benchmark_library(library, target, feeds, repeat=n, warmup=warmup,
-                                 threads=threads)["times_ms"]
+        return benchmark_library(library, target, feeds, repeat=n, warmup=warmup, threads=threads)[
+            "times_ms"
+        ]
 
     return Engine(name, measure, measure(1, 1)[0])
 
@@ -142,8 +151,11 @@ def summary(times: list[float]) -> dict[str, Any]:
 
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     """Median ratio a/b with the range from the quartiles (q1a/q3b .. q3a/q1b)."""
-    return {"ratio": a["median_ms"] / b["median_ms"], "low": a["q1_ms"] / b["q3_ms"],
-            "high": a["q3_ms"] / b["q1_ms"]}
+    return {
+        "ratio": a["median_ms"] / b["median_ms"],
+        "low": a["q1_ms"] / b["q3_ms"],
+        "high": a["q3_ms"] / b["q1_ms"],
+    }
 
 
 def measure(engines: list[Engine], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -164,9 +176,14 @@ def compile_variants(name: str, source: Path, work: Path, int8: bool) -> dict[st
     target = get_target(TARGET)
     packages = {"fp32": edgecc.compile(source, TARGET, out=work / "fp32")}
     if int8:
-        packages["int8"] = edgecc.compile(source, TARGET, out=work / "int8",
-                                          passes=f"{target.default_passes},qdq", calib="random",
-                                          calib_samples=CALIB_SAMPLES)
+        packages["int8"] = edgecc.compile(
+            source,
+            TARGET,
+            out=work / "int8",
+            passes=f"{target.default_passes},qdq",
+            calib="random",
+            calib_samples=CALIB_SAMPLES,
+        )
     for variant, pkg in packages.items():
         log.info("%s %s: compiled in %.1f s", name, variant, pkg.report["compile_seconds"])
     return packages
@@ -180,8 +197,15 @@ def tuned_library(pkg: Any, work: Path, trials: int) -> tuple[Path, dict[str, An
     shapes = {i["name"]: tuple(i["shape"]) for i in pkg.manifest["inputs"]}
     dtypes = {i["name"]: i["dtype"] for i in pkg.manifest["inputs"]}
     shutil.rmtree(work / "tuning", ignore_errors=True)  # records of earlier runs would add trials
-    lib = lower_tuned(model, get_target(TARGET), shapes, dtypes, work / "tuned.so",
-                      trials_per_task=trials, work_dir=work / "tuning")
+    lib = lower_tuned(
+        model,
+        get_target(TARGET),
+        shapes,
+        dtypes,
+        work / "tuned.so",
+        trials_per_task=trials,
+        work_dir=work / "tuning",
+    )
     return lib.path, {**lib.details["tuning"], "compile_seconds": round(lib.compile_seconds, 1)}
 
 
@@ -219,50 +243,72 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.before:
             libraries["rules off"] = rules_off_library(pkg, work / f"{variant}-rules-off")
         for trials in args.tune_trials:
-            libraries[f"tuned x{trials}"] = tuned_library(pkg, work / f"{variant}-tuned{trials}",
-                                                         trials)
+            libraries[f"tuned x{trials}"] = tuned_library(
+                pkg, work / f"{variant}-tuned{trials}", trials
+            )
         rows += time_variant(name, variant, pkg, libraries, graph, torch_engine, feeds, args)
     return rows
 
 
-def time_variant(model: str, variant: str, pkg: Any, libraries: Libraries,
-                 graph: onnx.ModelProto, torch_engine: Engine, feeds: dict[str, np.ndarray],
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
+def time_variant(
+    model: str,
+    variant: str,
+    pkg: Any,
+    libraries: Libraries,
+    graph: onnx.ModelProto,
+    torch_engine: Engine,
+    feeds: dict[str, np.ndarray],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
     """Time ``libraries`` against ORT on ``graph`` and torch; one row per library."""
     session = ort_session(graph, args.threads, optimise=True)
-    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds),
-                        strict=True))
-    engines = [library_engine(engine, path, feeds, args.threads)
-               for engine, (path, _) in libraries.items()]
+    expected = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True)
+    )
+    engines = [
+        library_engine(engine, path, feeds, args.threads) for engine, (path, _) in libraries.items()
+    ]
     engines += [in_process_engine("ort", lambda: session.run(None, feeds)), torch_engine]
     log.info("%s %s: timing %s", model, variant, ", ".join(e.name for e in engines))
     stats = measure(engines, args)
     rows = []
     for engine, (path, tuning) in libraries.items():
         outputs = run_library(path, pkg.target(), feeds, pkg.output_names)
-        rows.append({
-            "model": model, "variant": variant if engine == "edgecc" else f"{variant} {engine}",
-            "inputs": {k: list(v.shape) for k, v in feeds.items()},
-            "passes": pkg.manifest["pipeline"],
-            "vs_ort": ratio(stats[engine], stats["ort"]),
-            "vs_torch": ratio(stats[engine], stats["torch"]),
-            "ort_vs_torch": ratio(stats["ort"], stats["torch"]),
-            "check_vs_ort": compare_outputs(outputs, expected),
-            "times": {"edgecc": stats[engine], "ort": stats["ort"], "torch": stats["torch"]},
-            "build_seconds": tuning.get("compile_seconds",
-                                        round(pkg.report["compile_seconds"], 1)),
-            "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
-            **({"tuning": tuning} if "trials_per_task" in tuning else {}),
-        })
+        rows.append(
+            {
+                "model": model,
+                "variant": variant if engine == "edgecc" else f"{variant} {engine}",
+                "inputs": {k: list(v.shape) for k, v in feeds.items()},
+                "passes": pkg.manifest["pipeline"],
+                "vs_ort": ratio(stats[engine], stats["ort"]),
+                "vs_torch": ratio(stats[engine], stats["torch"]),
+                "ort_vs_torch": ratio(stats["ort"], stats["torch"]),
+                "check_vs_ort": compare_outputs(outputs, expected),
+                "times": {"edgecc": stats[engine], "ort": stats["ort"], "torch": stats["torch"]},
+                "build_seconds": tuning.get(
+                    "compile_seconds", round(pkg.report["compile_seconds"], 1)
+                ),
+                "loadavg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine
+                **({"tuning": tuning} if "trials_per_task" in tuning else {}),
+            }
+        )
     return rows
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)),
-            "loadavg_1min": round(os.getloadavg()[0], 2)}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def versions() -> dict[str, str]:
@@ -278,13 +324,18 @@ def fmt(r: dict[str, float]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | input | variant | edgecc / ORT | edgecc / torch | ORT / torch "
-             "| cosine vs ORT | build s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | input | variant | edgecc / ORT | edgecc / torch | ORT / torch "
+        "| cosine vs ORT | build s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         shapes = ", ".join("x".join(map(str, s)) for s in row["inputs"].values())
-        lines.append(f"| {row['model']} | {shapes} | {row['variant']} | {fmt(row['vs_ort'])} | "
-                     f"{fmt(row['vs_torch'])} | {fmt(row['ort_vs_torch'])} | "
-                     f"{row['check_vs_ort']['cosine']:.6f} | {row['build_seconds']:.0f} |")
+        lines.append(
+            f"| {row['model']} | {shapes} | {row['variant']} | {fmt(row['vs_ort'])} | "
+            f"{fmt(row['vs_torch'])} | {fmt(row['ort_vs_torch'])} | "
+            f"{row['check_vs_ort']['cosine']:.6f} | {row['build_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -322,22 +373,41 @@ it, per row in the JSON): ratios carry over, absolute times do not.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(ALL_MODELS),
-                   help=f"comma-separated, from {', '.join(ALL_MODELS)}")
+    p.add_argument(
+        "--models",
+        default=",".join(ALL_MODELS),
+        help=f"comma-separated, from {', '.join(ALL_MODELS)}",
+    )
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
-    p.add_argument("--before", action="store_true",
-                   help="also time the build without schedule rules (TVM's default, as before)")
-    p.add_argument("--tune-trials", type=lambda text: [int(t) for t in text.split(",")],
-                   default=[], metavar="N[,M...]",
-                   help="also time MetaSchedule-tuned libraries (measured trials per kernel)")
+    p.add_argument(
+        "--before",
+        action="store_true",
+        help="also time the build without schedule rules (TVM's default, as before)",
+    )
+    p.add_argument(
+        "--tune-trials",
+        type=lambda text: [int(t) for t in text.split(",")],
+        default=[],
+        metavar="N[,M...]",
+        help="also time MetaSchedule-tuned libraries (measured trials per kernel)",
+    )
     p.add_argument("--repeat", type=int, default=30, help="max samples per engine (all rounds)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all engines")
-    p.add_argument("--budget", type=float, default=3.0,
-                   help="seconds per engine and round that bound the sample count")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=3.0,
+        help="seconds per engine and round that bound the sample count",
+    )
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
-    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                   help="write the JSON result to PATH (stdout without PATH) instead of the table")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="write the JSON result to PATH (stdout without PATH) instead of the table",
+    )
     p.add_argument("--markdown", type=Path, help="write the table and the command here")
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(ALL_MODELS)
@@ -363,10 +433,16 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException as err:  # noqa: BLE001 (load_minilm skips with pytest's exception)
             log.exception("%s failed", name)
             errors[name] = f"{type(err).__name__}: {err}"
-    result = {"command": command.strip(), "machine": machine(), "loadavg_before": load_before,
-              "loadavg_after": round(os.getloadavg()[0], 2), "versions": versions(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
-              "rows": rows, "errors": errors}
+    result = {
+        "command": command.strip(),
+        "machine": machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": round(os.getloadavg()[0], 2),
+        "versions": versions(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+        "rows": rows,
+        "errors": errors,
+    }
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(result))

@@ -95,9 +95,21 @@ def ort_peer_files() -> dict[str, Path]:
     if not (site / "onnxruntime").is_dir():
         staging = Path(tempfile.mkdtemp(prefix=".aarch64-ort.", dir=emulation.cache_root()))
         try:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                   "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-                   "--dest", str(staging / "wheels")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                "--dest",
+                str(staging / "wheels"),
+            ]
             for plat in (*emulation.PLATFORMS, "any"):
                 cmd += ["--platform", plat]
             log.info("downloading ONNX Runtime's aarch64 wheel")
@@ -113,15 +125,27 @@ def ort_peer_files() -> dict[str, Path]:
     shim = root / "cpuinfo_shim.so"
     source = PEER_DIR / "cpuinfo_shim.c"
     if not shim.is_file() or shim.stat().st_mtime < source.stat().st_mtime:
-        subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", "-o", str(shim),
-                        str(source), "-ldl"], check=True)
+        subprocess.run(
+            [
+                "aarch64-linux-gnu-gcc",
+                "-O2",
+                "-shared",
+                "-fPIC",
+                "-o",
+                str(shim),
+                str(source),
+                "-ldl",
+            ],
+            check=True,
+        )
     cpuinfo = root / "cpuinfo-cortex-a72.txt"
     cpuinfo.write_text(cortex_a72_cpuinfo(os.cpu_count() or 1))
     return {"site": site, "shim": shim, "cpuinfo": cpuinfo}
 
 
-def count_ort(source: Path, feeds: dict[str, np.ndarray], runs: int, work: Path,
-              threads: int = 1) -> tuple[dict[str, Any], list[np.ndarray]]:
+def count_ort(
+    source: Path, feeds: dict[str, np.ndarray], runs: int, work: Path, threads: int = 1
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """ONNX Runtime (aarch64) instructions per inference under the same qemu and plugin."""
     files = ort_peer_files()
     root = prepare_emulator()
@@ -130,10 +154,23 @@ def count_ort(source: Path, feeds: dict[str, np.ndarray], runs: int, work: Path,
     count_file, inputs, outputs = work / "ort-count.txt", work / "ort-in.npz", work / "ort-out.npz"
     np.savez(inputs, **feeds)
     cpu = qemu_cpu(get_target(TARGET))
-    cmd = [prefix[0], "-cpu", cpu, *plugin_options(count_file), "-E",
-           f"LD_PRELOAD={files['shim']}", "-E", f"EDGECC_FAKE_CPUINFO={files['cpuinfo']}",
-           *prefix[1:], str(PEER_DIR / "ort_runner.py"), str(source), str(inputs), str(outputs),
-           str(runs), str(threads)]
+    cmd = [
+        prefix[0],
+        "-cpu",
+        cpu,
+        *plugin_options(count_file),
+        "-E",
+        f"LD_PRELOAD={files['shim']}",
+        "-E",
+        f"EDGECC_FAKE_CPUINFO={files['cpuinfo']}",
+        *prefix[1:],
+        str(PEER_DIR / "ort_runner.py"),
+        str(source),
+        str(inputs),
+        str(outputs),
+        str(runs),
+        str(threads),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
@@ -141,11 +178,21 @@ def count_ort(source: Path, feeds: dict[str, np.ndarray], runs: int, work: Path,
     total, marks = read_counts(count_file)
     with np.load(outputs) as data:
         arrays = [data[f"out{i}"] for i in range(len(data.files))]
-    version = next(p.name.removesuffix(".dist-info").split("-")[1]
-                   for p in files["site"].glob("onnxruntime-*.dist-info"))
-    return ({"instructions_per_inference": per_inference(marks, runs)[0], "runs": runs,
-             "threads": threads, "process_instructions": total, "qemu_cpu": cpu,
-             "onnxruntime": version}, arrays)
+    version = next(
+        p.name.removesuffix(".dist-info").split("-")[1]
+        for p in files["site"].glob("onnxruntime-*.dist-info")
+    )
+    return (
+        {
+            "instructions_per_inference": per_inference(marks, runs)[0],
+            "runs": runs,
+            "threads": threads,
+            "process_instructions": total,
+            "qemu_cpu": cpu,
+            "onnxruntime": version,
+        },
+        arrays,
+    )
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -166,10 +213,12 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtypes = {i["name"]: i["dtype"] for i in pkg.manifest["inputs"]}
     off = lower(graph, target, shapes, dtypes, work / "rules-off.so", schedules=False)
     row: dict[str, Any] = {
-        "model": name, "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "model": name,
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "passes": pkg.manifest["pipeline"],
         "scheduled_kernels": pkg.manifest["library"].get("schedules", {}).get("counts", {}),
-        "counts": {}, "cosine_vs_host_ort": {},
+        "counts": {},
+        "cosine_vs_host_ort": {},
     }
     # Without any rule that matches (e.g. before the rules land) both builds are the same bytes:
     # count once and say so.
@@ -180,8 +229,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for engine, library in libraries.items():
         log.info("%s: counting %s", name, engine)
         outputs: list[np.ndarray] = []
-        row["counts"][engine] = count_instructions(library, target, feeds, runs=args.runs,
-                                                   collect=outputs)
+        row["counts"][engine] = count_instructions(
+            library, target, feeds, runs=args.runs, collect=outputs
+        )
         row["cosine_vs_host_ort"][engine] = _cosine(outputs, expected)
     if row["identical_libraries"]:
         row["counts"]["edgecc"] = row["counts"]["rules off"]
@@ -210,13 +260,21 @@ def _cosine(outputs: list[np.ndarray], expected: list[np.ndarray]) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     qemu = subprocess.run(["qemu-aarch64", "--version"], capture_output=True, text=True)
-    return {"host_cpu": cpu, "emulated_cpu": qemu_cpu(get_target(TARGET)),
-            "qemu": qemu.stdout.splitlines()[0] if qemu.stdout else "?",
-            "loadavg_1min": round(os.getloadavg()[0], 2)}
+    return {
+        "host_cpu": cpu,
+        "emulated_cpu": qemu_cpu(get_target(TARGET)),
+        "qemu": qemu.stdout.splitlines()[0] if qemu.stdout else "?",
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def _g(value: float | None) -> str:
@@ -224,27 +282,44 @@ def _g(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | input | edgecc (rules on) | rules off | ONNX Runtime aarch64 "
-             "| on / off | on / ORT | off / ORT |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | input | edgecc (rules on) | rules off | ONNX Runtime aarch64 "
+        "| on / off | on / ORT | off / ORT |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         c = {k: v["instructions_per_inference"] for k, v in r["counts"].items()}
         shape = ", ".join("x".join(map(str, s)) for s in r["inputs"].values())
-        ratios = [r.get("edgecc_vs_rules_off"), r.get("edgecc_vs_onnxruntime"),
-                  r.get("rules_off_vs_onnxruntime")]
-        lines.append(f"| {r['model']} | {shape} | {_g(c.get('edgecc'))} | "
-                     f"{_g(c.get('rules off'))} | {_g(c.get('onnxruntime'))} | "
-                     + " | ".join("-" if x is None else f"{x:.2f}" for x in ratios) + " |")
+        ratios = [
+            r.get("edgecc_vs_rules_off"),
+            r.get("edgecc_vs_onnxruntime"),
+            r.get("rules_off_vs_onnxruntime"),
+        ]
+        lines.append(
+            f"| {r['model']} | {shape} | {_g(c.get('edgecc'))} | "
+            f"{_g(c.get('rules off'))} | {_g(c.get('onnxruntime'))} | "
+            + " | ".join("-" if x is None else f"{x:.2f}" for x in ratios)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="resnet18,mobilenetv2",
-                   help=f"comma-separated, from {', '.join(ALL_MODELS)}")
+    p.add_argument(
+        "--models",
+        default="resnet18,mobilenetv2",
+        help=f"comma-separated, from {', '.join(ALL_MODELS)}",
+    )
     p.add_argument("--runs", type=int, default=10, help="inferences counted after a first one")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip ONNX Runtime")
-    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                   help="write the JSON result to PATH (stdout without PATH)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="write the JSON result to PATH (stdout without PATH)",
+    )
     p.add_argument("--markdown", type=Path, help="write the table and the command here")
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(ALL_MODELS)
@@ -258,13 +333,19 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("edgecc", "tvm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
-    command = "python scripts/benchmark_arm.py " + shlex.join(sys.argv[1:] if argv is None
-                                                              else argv)
+    command = "python scripts/benchmark_arm.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     rows: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
-    result = {"command": command.strip(), "machine": machine(), "note": PROXY_NOTE,
-              "settings": {"runs": args.runs, "threads": 1, "target": TARGET},
-              "rows": rows, "errors": errors}
+    result = {
+        "command": command.strip(),
+        "machine": machine(),
+        "note": PROXY_NOTE,
+        "settings": {"runs": args.runs, "threads": 1, "target": TARGET},
+        "rows": rows,
+        "errors": errors,
+    }
     for name in args.models.split(","):
         try:
             rows.append(bench_model(name, args))
@@ -275,10 +356,12 @@ def main(argv: list[str] | None = None) -> None:
             errors[name] = f"{type(err).__name__}: {err}"
         if args.json and args.json != "-":  # keep what is measured so far
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    text = (f"host CPU: {result['machine']['host_cpu']}; emulated: "
-            f"{result['machine']['emulated_cpu']} ({result['machine']['qemu']}); 1 thread; "
-            f"instructions per inference, mean of {args.runs} after a first\n"
-            f"{table(rows)}\n{PROXY_NOTE}")
+    text = (
+        f"host CPU: {result['machine']['host_cpu']}; emulated: "
+        f"{result['machine']['emulated_cpu']} ({result['machine']['qemu']}); 1 thread; "
+        f"instructions per inference, mean of {args.runs} after a first\n"
+        f"{table(rows)}\n{PROXY_NOTE}"
+    )
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(f"```\n{result['command']}\n```\n\n{text}\n")

@@ -147,9 +147,7 @@ def test_runner_fails_a_modified_library_and_bad_outputs(copy: Path) -> None:
 
 
 @pytest.mark.emulation
-def test_runner_under_aarch64_emulation_as_on_the_board(
-    model_file: Path, tmp_path: Path
-) -> None:
+def test_runner_under_aarch64_emulation_as_on_the_board(model_file: Path, tmp_path: Path) -> None:
     from edgecc.runtime import emulation, prepare_emulator
 
     out = tmp_path / "rpi4"

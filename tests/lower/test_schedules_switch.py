@@ -28,13 +28,27 @@ def rule_calls(monkeypatch) -> list[str]:
 
 
 def _lower(tmp_path, **kwargs):
-    return build.lower(add_model(), get_target("x86"), {"a": (2, 3), "b": (3,)},
-                       {"a": "float32", "b": "float32"}, tmp_path / "add.so", **kwargs)
+    return build.lower(
+        add_model(),
+        get_target("x86"),
+        {"a": (2, 3), "b": (3,)},
+        {"a": "float32", "b": "float32"},
+        tmp_path / "add.so",
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, True), ("on", True), ("off", False), ("OFF", False), ("0", False), ("no", False),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, True),
+        ("on", True),
+        ("off", False),
+        ("OFF", False),
+        ("0", False),
+        ("no", False),
+    ],
+)
 def test_environment_variable(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv("EDGECC_SCHEDULES", raising=False)

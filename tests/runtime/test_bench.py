@@ -28,8 +28,13 @@ def library(tmp_path_factory) -> Path:
     from edgecc.lower import lower
 
     out = tmp_path_factory.mktemp("lib") / "add.so"
-    lower(add_model(), get_target("x86"), {"a": (2, 3), "b": (3,)},
-          {"a": "float32", "b": "float32"}, out)
+    lower(
+        add_model(),
+        get_target("x86"),
+        {"a": (2, 3), "b": (3,)},
+        {"a": "float32", "b": "float32"},
+        out,
+    )
     return out
 
 
@@ -62,14 +67,27 @@ def test_bad_counts_are_refused(library, kwargs):
 
 def run_runner(library: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
     np.savez(work / "in.npz", **FEEDS)
-    return subprocess.run([sys.executable, str(RUNNER), "--library", str(library),
-                           "--input", str(work / "in.npz"), "--output", str(work / "out.npz"),
-                           *options], capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(RUNNER),
+            "--library",
+            str(library),
+            "--input",
+            str(work / "in.npz"),
+            "--output",
+            str(work / "out.npz"),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_timing_flags_keep_the_outputs(library, tmp_path):
-    proc = run_runner(library, tmp_path, "--device", "cpu", "--repeat", "3", "--timings",
-                      str(tmp_path / "t.json"))
+    proc = run_runner(
+        library, tmp_path, "--device", "cpu", "--repeat", "3", "--timings", str(tmp_path / "t.json")
+    )
     assert proc.returncode == 0, proc.stderr
     with np.load(tmp_path / "out.npz") as data:
         np.testing.assert_array_equal(data["out0"], FEEDS["a"] + 2 * FEEDS["b"])
@@ -77,11 +95,14 @@ def test_timing_flags_keep_the_outputs(library, tmp_path):
     assert timings["warmup"] == 0 and len(timings["times_ms"]) == 3
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--timings", "t.json"], "--warmup and --timings need --repeat"),
-    (["--repeat", "x", "--timings", "t.json"], "--repeat needs a value"),
-    (["--repeat", "0", "--timings", "t.json"], "--repeat must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--timings", "t.json"], "--warmup and --timings need --repeat"),
+        (["--repeat", "x", "--timings", "t.json"], "--repeat needs a value"),
+        (["--repeat", "0", "--timings", "t.json"], "--repeat must be >= 1"),
+    ],
+)
 def test_runner_refuses_bad_timing_flags(library, tmp_path, options, message):
     proc = run_runner(library, tmp_path, *options)
     assert proc.returncode != 0 and message in proc.stderr.strip().splitlines()[-1]

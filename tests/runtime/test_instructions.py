@@ -61,8 +61,9 @@ def test_run_and_bench_pass_threads_to_the_runner(add_onnx, tmp_path, capsys):
         res = _cli_json(capsys, "--json", "run", pkg.path, "--threads", threads)
         assert res["threads"] == threads  # as the runner's TVM runtime reports it
     assert _cli_json(capsys, "--json", "run", pkg.path)["threads"] == cores
-    res = _cli_json(capsys, "--json", "bench", pkg.path, "--repeat", "2", "--warmup", "0",
-                    "--threads", "1")
+    res = _cli_json(
+        capsys, "--json", "bench", pkg.path, "--repeat", "2", "--warmup", "0", "--threads", "1"
+    )
     assert res["threads"] == 1 and res["edgecc"]["threads"] == 1 and "ratio" in res
     assert main(["run", str(pkg.path), "--threads", "0"]) == 2  # a user error
 
@@ -74,8 +75,9 @@ def test_plugin_is_built_once_into_the_cache(tmp_path, monkeypatch):
     lines: list[str] = []
     plugin = emulation.insn_plugin(lines.append)
     assert plugin.parent == tmp_path and plugin.is_file() and len(lines) == 1
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(plugin)], capture_output=True,
-                             text=True, check=True).stdout
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", str(plugin)], capture_output=True, text=True, check=True
+    ).stdout
     assert "qemu_plugin_install" in symbols and "qemu_plugin_version" in symbols
     assert emulation.insn_plugin(lines.append) == plugin and len(lines) == 1  # cached
 
@@ -87,15 +89,17 @@ def loop_program(tmp_path_factory) -> Path:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64")
     work = tmp_path_factory.mktemp("loop")
     (work / "loop.c").write_text(LOOP_C)
-    subprocess.run([cc, "-O1", "-static", "-o", str(work / "loop"), str(work / "loop.c")],
-                   check=True)
+    subprocess.run(
+        [cc, "-O1", "-static", "-o", str(work / "loop"), str(work / "loop.c")], check=True
+    )
     return work / "loop"
 
 
 def _count_loop(program: Path, n: int, atomic: bool) -> tuple[int, list[int]]:
     count = program.with_name(f"count-{n}-{atomic}.txt")
-    subprocess.run(["qemu-aarch64", *plugin_options(count, atomic=atomic), str(program), str(n)],
-                   check=True)
+    subprocess.run(
+        ["qemu-aarch64", *plugin_options(count, atomic=atomic), str(program), str(n)], check=True
+    )
     return read_counts(count)
 
 
@@ -117,11 +121,20 @@ def matmul_onnx(path: Path) -> Path:
     """y = relu(x @ w + b), 32x128 @ 128x64: ~0.3 M MACs, so an inference's instructions
     (millions) dwarf the runner's per-call overhead (~20 k, which varies by a few %)."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
-             helper.make_node("Add", ["xw", "b"], ["z"]), helper.make_node("Relu", ["z"], ["y"])]
-    model = onnx_model(nodes, [tensor("x", [32, 128])], [tensor("y", [32, 64])],
-                       {"w": rng.standard_normal((128, 64)).astype(np.float32),
-                        "b": rng.standard_normal(64).astype(np.float32)})
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["z"]),
+        helper.make_node("Relu", ["z"], ["y"]),
+    ]
+    model = onnx_model(
+        nodes,
+        [tensor("x", [32, 128])],
+        [tensor("y", [32, 64])],
+        {
+            "w": rng.standard_normal((128, 64)).astype(np.float32),
+            "b": rng.standard_normal(64).astype(np.float32),
+        },
+    )
     onnx.save(model, str(path))
     return path
 
@@ -148,9 +161,16 @@ def test_bench_counts_instructions_of_an_emulated_package(tmp_path, capsys):
 
 
 def test_summary_states_the_count_and_that_it_is_a_proxy():
-    counts = {"instructions_per_inference": 2_000_500.0, "window_instructions_per_inference":
-              [2_000_000.0, 2_001_000.0], "target": "rpi4", "qemu_cpu": "cortex-a72",
-              "threads": 1, "runs": 5, "windows": 2, "note": PROXY_NOTE}
+    counts = {
+        "instructions_per_inference": 2_000_500.0,
+        "window_instructions_per_inference": [2_000_000.0, 2_001_000.0],
+        "target": "rpi4",
+        "qemu_cpu": "cortex-a72",
+        "threads": 1,
+        "runs": 5,
+        "windows": 2,
+        "note": PROXY_NOTE,
+    }
     first, second = summary_text(counts).splitlines()
     assert first.startswith("edgecc/TVM 2,000,500 instructions per inference (rpi4 under qemu")
     assert "mean of 10 inferences after a first" in first and "within 0.05%" in first

@@ -22,13 +22,20 @@ from edgecc.targets import get_target
 def add_model() -> onnx.ModelProto:
     """y = a + 2 * b, a and b of different shapes so swapped inputs cannot broadcast silently."""
     two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    nodes = [helper.make_node("Mul", ["b", "two"], ["b2"]),
-             helper.make_node("Add", ["a", "b2"], ["y"])]
+    nodes = [
+        helper.make_node("Mul", ["b", "two"], ["b2"]),
+        helper.make_node("Add", ["a", "b2"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [two])
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [two],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -37,8 +44,13 @@ def x86_library(tmp_path_factory) -> Path:
     from edgecc.lower import lower
 
     out = tmp_path_factory.mktemp("lib") / "add.so"
-    lower(add_model(), get_target("x86"), {"a": (2, 3), "b": (3,)},
-          {"a": "float32", "b": "float32"}, out)
+    lower(
+        add_model(),
+        get_target("x86"),
+        {"a": (2, 3), "b": (3,)},
+        {"a": "float32", "b": "float32"},
+        out,
+    )
     return out
 
 
@@ -69,8 +81,9 @@ def test_cuda_target_without_device(monkeypatch):
     monkeypatch.setattr(runtime, "has_cuda_device", lambda: False)
     with pytest.raises(ToolchainError) as info:
         run_library(Path("m.so"), get_target("jetson-orin"), {}, ["y"])
-    assert str(info.value) == ("package targets CUDA (jetson-orin); no CUDA device on this "
-                               "machine: copy it to the board")
+    assert str(info.value) == (
+        "package targets CUDA (jetson-orin); no CUDA device on this machine: copy it to the board"
+    )
     assert info.value.exit_code == EXIT_TOOLCHAIN
 
 
@@ -83,10 +96,17 @@ def test_missing_qemu_names_the_debian_package(monkeypatch):
 def test_runner_imports_only_tvm_numpy_and_the_standard_library():
     # run.py ships in every package: a board has Python, numpy and the TVM runtime, nothing else
     tree = ast.parse(RUNNER.read_text())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-               for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module}
+    modules = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    modules |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert modules == {"hashlib", "json", "math", "os", "sys", "numpy", "tvm"}
 
 
@@ -133,6 +153,10 @@ def test_emulated_python_command(tmp_path, monkeypatch):
     monkeypatch.setattr(emu, "qemu_binary", lambda: "/usr/bin/qemu-aarch64")
     monkeypatch.setenv("PYTHONHOME", "/somewhere")
     cmd, env = emu.emulated_python(tmp_path)
-    assert cmd == ["/usr/bin/qemu-aarch64", "-L", str(tmp_path / "sysroot"),
-                   str(tmp_path / "sysroot" / emu.PYTHON)]
+    assert cmd == [
+        "/usr/bin/qemu-aarch64",
+        "-L",
+        str(tmp_path / "sysroot"),
+        str(tmp_path / "sysroot" / emu.PYTHON),
+    ]
     assert env["PYTHONPATH"] == str(tmp_path / "site") and "PYTHONHOME" not in env
