@@ -6,7 +6,6 @@ back; :mod:`edgecc.train.loop` is the one distillation loop every pass uses.
 
 from __future__ import annotations
 
-
 from collections.abc import Mapping
 from pathlib import Path
 

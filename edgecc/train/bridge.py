@@ -16,7 +16,8 @@ Where the weights live after conversion (``onnx2torch`` 1.5):
 - Conv/ConvTranspose, BatchNormalization, LayerNormalization, InstanceNormalization with
   constant parameters become ``nn`` modules: ``weight = input[1]``, ``bias = input[2]`` as is;
 - Gemm with constant B (and C) becomes ``nn.Linear``: ``weight = alpha * (B if transB else B^T)``,
-  ``bias = beta * C``; written back as ``B = weight / alpha`` (transposed back), ``C = bias / beta``;
+  ``bias = beta * C``; written back as ``B = weight / alpha`` (transposed back) and
+  ``C = bias / beta``;
 - every other initializer becomes a buffer ``initializers.onnx_initializer_<k>``, numbered in
   the order the nodes read them (a new buffer per use: shared initializers are tied here).
 
@@ -191,7 +192,7 @@ class TorchGraph:
         container = self.module.initializers
         buffer_index = 0
         retarget: dict[str, str] = {}
-        for (name, node), proto in zip(graph.nodes.items(), source.graph.node, strict=True):
+        for (name, _node), proto in zip(graph.nodes.items(), source.graph.node, strict=True):
             sub = self.module.get_submodule(name)
             mapping = sub.onnx_mapping
             if len(mapping.outputs) == 1:
