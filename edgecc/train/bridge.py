@@ -189,7 +189,7 @@ class TorchGraph:
         graph = OnnxGraph(onnx2torch.utils.safe_shape_inference.safe_shape_inference(source).graph)
         self.weights: dict[str, _Weight] = {}
         self.outputs: dict[str, Any] = {}  # ONNX tensor name -> submodule writing it
-        container = self.module.initializers
+        container = getattr(self.module, "initializers", None)  # absent when nothing reads it
         buffer_index = 0
         retarget: dict[str, str] = {}
         for (name, _node), proto in zip(graph.nodes.items(), source.graph.node, strict=True):

@@ -57,7 +57,7 @@ class DistillConfig:
     batch: int = 64
     features: str | Sequence[str] = "auto"
     samples: int | None = None
-    threads: int = 2
+    threads: int = 1
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
