@@ -118,9 +118,9 @@ def match(index: GraphIndex, softmax: onnx.NodeProto, types: dict[str, Any]) -> 
             readers = index.consumers.get(out, [])
             if out in index.graph_outputs or any(r not in chain and r is not last for r in readers):
                 return f"{out} is read outside the attention"
-    if mask is not None and (value := index.const(mask)) is not None and value.ndim >= 2:
-        if not np.all(value == value[..., :1, :]):
-            return "the mask differs between queries (causal?): not a padding mask"
+    value = index.const(mask) if mask is not None else None
+    if value is not None and value.ndim >= 2 and not np.all(value == value[..., :1, :]):
+        return "the mask differs between queries (causal?): not a padding mask"
     return Attention(q, kt, last.input[1], mask, last.output[0], [*chain, last])
 
 
