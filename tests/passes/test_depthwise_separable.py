@@ -13,7 +13,7 @@ from edgecc.report.compare import run_onnx
 from edgecc.report.metrics import graph_stats
 from tests.models import onnx_model, tensor
 
-O, C, K = 24, 12, 3
+OUT, C, K = 24, 12, 3
 
 
 def _conv(w: np.ndarray, group: int = 1, stride: int = 1, bias: bool = True):
@@ -45,7 +45,7 @@ X = {"x": np.random.default_rng(5).normal(size=(1, C, 8, 8)).astype(np.float32)}
 def test_exact_when_separable(stride: int, bias: bool) -> None:
     """W[o, c] = P[o, c] D[c]: rank one per input channel, so the rewrite is exact."""
     rng = np.random.default_rng(0)
-    w = (rng.normal(size=(O, C))[:, :, None, None] * rng.normal(size=(C, K, K))[None]).astype(
+    w = (rng.normal(size=(OUT, C))[:, :, None, None] * rng.normal(size=(C, K, K))[None]).astype(
         np.float32
     )
     model = _conv(w, stride=stride, bias=bias)
@@ -62,8 +62,8 @@ def test_exact_when_separable(stride: int, bias: bool) -> None:
 def test_error_is_the_svd_tail(rank: int) -> None:
     """Random kernel: relative error = sqrt(sum of dropped s^2 / ||W||^2), and the outputs
     differ by no more than that error allows (||y - y'|| <= ||W - W'|| ||patches||)."""
-    w = np.random.default_rng(1).normal(size=(O, C, K, K)).astype(np.float32)
-    s = np.linalg.svd(np.moveaxis(w.reshape(O, C, -1), 1, 0).astype(np.float64), compute_uv=False)
+    w = np.random.default_rng(1).normal(size=(OUT, C, K, K)).astype(np.float32)
+    s = np.linalg.svd(np.moveaxis(w.reshape(OUT, C, -1), 1, 0).astype(np.float64), compute_uv=False)
     expected = np.sqrt((s[:, rank:] ** 2).sum() / (s**2).sum())
     out, record = _run(_conv(w, bias=False), f"depthwise-separable(rank={rank})")
     assert record.info["layers"][0]["rel_error"] == pytest.approx(expected, rel=1e-5)
@@ -77,10 +77,15 @@ def test_error_is_the_svd_tail(rank: int) -> None:
     ("w", "group", "pipeline", "reason"),
     [
         (np.ones((C, 1, K, K), np.float32), C, "depthwise-separable", "grouped"),
-        (np.ones((O, C, 1, 1), np.float32), 1, "depthwise-separable", "1x1"),
-        (np.ones((O, C, K, K), np.float32), 1, "depthwise-separable(min_channels=16)", "min_chan"),
+        (np.ones((OUT, C, 1, 1), np.float32), 1, "depthwise-separable", "1x1"),
         (
-            np.random.default_rng(2).normal(size=(O, C, K, K)).astype(np.float32),
+            np.ones((OUT, C, K, K), np.float32),
+            1,
+            "depthwise-separable(min_channels=16)",
+            "min_chan",
+        ),
+        (
+            np.random.default_rng(2).normal(size=(OUT, C, K, K)).astype(np.float32),
             1,
             "depthwise-separable(max_error=0.1)",
             "max_error",
@@ -98,6 +103,6 @@ def test_declines(w: np.ndarray, group: int, pipeline: str, reason: str) -> None
 def test_bad_options() -> None:
     with pytest.raises(UserInputError, match="rank"):
         PassManager(parse_pipeline("depthwise-separable(rank=0)"))
-    model = _conv(np.ones((O, C, K, K), np.float32))
+    model = _conv(np.ones((OUT, C, K, K), np.float32))
     with pytest.raises(UserInputError, match="skip"):
         _run(model, "depthwise-separable(skip=[nope])")
