@@ -153,3 +153,20 @@ def test_refused_after_quantization(digits: dict) -> None:
 def test_option_ranges(text: str) -> None:
     with pytest.raises(UserInputError, match="distill"):
         PassManager(parse_pipeline(text))
+
+
+def test_cli_train_option_errors(
+    digits: dict, tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
+    """``compile --passes distill`` without ``--train``, or with a non-.npz file: exit 2."""
+    from edgecc.cli import main
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(digits["model"], str(model))
+    base = ["-q", "compile", str(model), "-o", str(tmp_path / "pkg"), "--passes", "distill"]
+    assert main(base) == 2
+    assert "distill needs training data: --train" in capsys.readouterr().err
+    (tmp_path / "data.txt").write_text("x")
+    assert main([*base, "--train", str(tmp_path / "data.txt")]) == 2
+    assert "expected an .npz" in capsys.readouterr().err
+    assert not (tmp_path / "pkg").exists()
