@@ -187,7 +187,9 @@ def section_minilm(args: argparse.Namespace, pipelines: list[str]) -> dict[str, 
     sentences = template_sentences(args.sentences + args.heldout, args.seed)
     train = tokens(tokenizer, sentences[: args.sentences], args.seq_len)
     held = tokens(tokenizer, sentences[args.sentences :], args.seq_len)
-    example = {k: torch.from_numpy(v[:1]) for k, v in held.items()}
+    # exported at the training batch: the attention Reshapes fix the batch (B * heads), so
+    # distill trains in the graph's own batches
+    example = {k: torch.from_numpy(v[: args.minilm_batch]) for k, v in held.items()}
     model = load_model(encoder, example_inputs=example).model
     base, _ = run(model, CLEANUP, PassContext())
     ref = sentence_embeddings(base, held)
@@ -236,6 +238,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--lowrank", default="lowrank(ratio=0.3)")
     parser.add_argument("--minilm-epochs", type=int, default=4)
+    parser.add_argument("--minilm-batch", type=int, default=16)
+    parser.add_argument("--minilm-lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -261,7 +265,7 @@ def main() -> None:
             args,
             [
                 args.lowrank,
-                f"{args.lowrank},distill(epochs={args.minilm_epochs},batch=16,lr=2e-4)",
+                f"{args.lowrank},distill(epochs={args.minilm_epochs},lr={args.minilm_lr})",
             ],
         ),
     }

@@ -161,14 +161,19 @@ def distill(
         }
         arrays = {k: v.astype(dtypes.get(k, v.dtype), copy=False) for k, v in arrays.items()}
         batch = config.batch
-        if not _batches(student, s_graph, arrays, count):
+        if _fixed_batch(student) != 1 or not _batches(student, s_graph, arrays, count):
+            batch = _fixed_batch(student)
             logger.warning(
-                "distill: the graph does not run batched (its Reshapes fix the batch): "
-                "training one sample per step"
+                "distill: the graph does not run with a free batch (its Reshapes fix it): "
+                "training in its own batches of %d, dropping the last %d samples",
+                batch,
+                count % batch,
             )
             s_graph = TorchGraph(student, trainable=True, batched=False)
             t_graph = TorchGraph(teacher, trainable=False, batched=False)
-            batch = 1
+            count -= count % batch
+            if count == 0:
+                raise UserInputError(f"distill: fewer training samples than the batch {batch}")
         names = feature_names(student, s_graph, t_graph, config.features)
         params = s_graph.parameters()
         if not params:
@@ -217,7 +222,7 @@ def distill(
             history.append(running / seen)
             say(f"distill: epoch {epoch + 1}/{config.epochs} loss {history[-1]:.4f}")
         out = s_graph.write_back(student)
-        probe = {k: v[:1] for k, v in arrays.items()}
+        probe = {k: v[: _fixed_batch(student)] for k, v in arrays.items()}
         s_graph.module.eval()
         diff = check_write_back(out, s_graph, probe, WRITE_BACK_TOLERANCE)
     info = {
@@ -237,7 +242,8 @@ def distill(
 def _batches(
     model: onnx.ModelProto, graph: TorchGraph, arrays: Mapping[str, np.ndarray], count: int
 ) -> bool:
-    """True when the batch-free module on two samples matches ORT run on each one."""
+    """True when the batch-free module on two samples matches ORT run on each one (for graphs
+    exported with batch 1)."""
     import torch
 
     from edgecc.report.compare import run_onnx
@@ -255,6 +261,12 @@ def _batches(
         if got[i : i + 1].shape != want.shape or not np.allclose(got[i : i + 1], want, atol=1e-4):
             return False
     return True
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int:
+    """The first dimension of the first graph input (1 when it is symbolic)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else 1
 
 
 def _soft_loss(s: Any, t: Any, temperature: float) -> Any:
