@@ -153,8 +153,8 @@ class PruneChannels:
                     if not mask.all():
                         keep[name] = np.flatnonzero(mask)
         macs_before = graph_stats(model)["macs"]
-        record_counts(model, analysis, self._original)
         if keep:
+            record_counts(model, analysis, self._original)
             self._rewrite(model, index, analysis, values, keep)
         macs_after = graph_stats(model)["macs"] if keep else macs_before
         info.update(
