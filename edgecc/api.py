@@ -110,6 +110,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
     tune_trials: int = 0,
     tuning_runner: Any = None,
     tuning_builder: Any = None,
+    train_data: str | Path | Mapping[str, np.ndarray] | None = None,
 ) -> Package:
     """Compile a model for a target into a package folder at ``out``.
 
@@ -152,6 +153,8 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             ``tuning_records`` or, without it, the target's default cache.
         tuning_runner: a MetaSchedule Runner timing the candidates (default: this host).
         tuning_builder: a MetaSchedule Builder (default: in this process).
+        train_data: training data for ``distill`` (``.npz`` path or arrays by input name, plus
+            optional ``labels``).
 
     Returns:
         The written :class:`Package`.
@@ -204,7 +207,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
         # fail before any pass or compile time is spent (ops a pass will expand excepted)
         check_coverage(loaded.model, {s.name for s in specs} - set(disable_passes))
 
-        ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed)
+        ctx = PassContext(target=tgt, probe_inputs=loaded.probe_inputs, seed=seed, progress=say)
         dump = DumpInstrument(dump_dir, loaded.reference_outputs)
         instruments = [dump] + ([FailureDumpInstrument(Path(dump_dir))] if dump_dir else [])
         manager = PassManager(specs, instruments, disabled=disable_passes)
@@ -216,6 +219,12 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             ctx.calibration, ctx.calibration_source = load_calibration(
                 calib, loaded.inputs, limit=calib_samples, seed=seed
             )
+        if train_data is not None and not manager.uses("distill"):
+            logger.warning("--train has no effect: no distill pass in the pipeline")
+        elif train_data is not None:
+            from edgecc.train import load_train_data
+
+            ctx.train_data, ctx.train_source = load_train_data(train_data)
         budget = None
         if data is not None:
             from edgecc.evaluation.budget import fit_budget
@@ -266,6 +275,7 @@ def compile(  # noqa: A001  (the product's verb; shadowing the builtin inside ed
             "pipeline": format_pipeline(specs),
             "disabled_passes": sorted(manager.disabled),
             "calibration": ctx.calibration_source,
+            "train_data": ctx.train_source,
             "library": {
                 "file": LIBRARY,
                 "sha256": sha256_file(lib.path),

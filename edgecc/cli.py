@@ -223,6 +223,13 @@ def _data_options(command: Any) -> Any:
     "--calib-samples", type=int, default=None, help="Use at most this many calibration samples."
 )
 @click.option(
+    "--train",
+    "train_data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Training data for distill: .npz with arrays named like the inputs, optional labels.",
+)
+@click.option(
     "--probe",
     type=click.Path(path_type=Path),
     help="Input (.npy/.npz) the reference and per-pass comparisons use [default: seeded N(0,1)].",
@@ -276,6 +283,7 @@ def compile_cmd(
     time_passes: bool,
     calib: str | None,
     calib_samples: int | None,
+    train_data: Path | None,
     probe: Path | None,
     trust_code: bool,
     input_values: tuple[str, ...],
@@ -316,6 +324,7 @@ def compile_cmd(
         max_drop=max_drop,
         tuning_records=tuning_records,
         tune_trials=tune_trials,
+        train_data=train_data,
     )
     rep, man = pkg.report, pkg.manifest
     rows = rep["passes"]

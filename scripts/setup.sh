@@ -28,6 +28,9 @@ echo "setup: installing Python packages (torch 2.13.0 CPU, TVM 0.27, ONNX toolin
 # torch first with its exact pin: a looser requirement would pull a multi-GB CUDA build.
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
 $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# The distill pass converts ONNX to torch with onnx2torch. --no-deps: it declares torchvision,
+# which fails beside this torch; edgecc stubs torchvision while importing it (NMS/RoiAlign only).
+$PY -m pip install -q --disable-pip-version-check --no-deps onnx2torch==1.5.15
 echo "setup: building the qemu instruction-counting plugin (cached in ${EDGECC_CACHE:-$HOME/.cache/edgecc})"
 $PY -c "from edgecc.runtime.emulation import insn_plugin; print(insn_plugin())"
 

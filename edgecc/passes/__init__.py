@@ -29,7 +29,7 @@ __all__ = [
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-_SUPPORT = {"manager", "dump", "graph", "calibration", "channel_groups"}
+_SUPPORT = {"manager", "dump", "graph", "calibration", "channel_groups", "gradual"}
 for _mod in _pkgutil.iter_modules(__path__):
     if _mod.name not in _SUPPORT and not _mod.name.startswith("_"):
         _importlib.import_module(f"{__name__}.{_mod.name}")

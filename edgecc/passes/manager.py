@@ -80,6 +80,11 @@ class PassContext:
         calibration_source: a human-readable description of where calibration data came from.
         probe_inputs: the seeded probe inputs the reference was recorded on.
         seed: seed for anything random.
+        train_data: arrays by input name (plus optional ``labels``) for training passes.
+        train_source: a human-readable description of where the training data came from.
+        source_model: the float graph the pipeline started from (the teacher of ``distill``);
+            :meth:`PassManager.run` fills it in when it is None.
+        progress: called with one-line progress messages (training epochs), or None.
     """
 
     target: Any = None
@@ -87,6 +92,10 @@ class PassContext:
     calibration_source: str | None = None
     probe_inputs: dict[str, np.ndarray] | None = None
     seed: int = 0
+    train_data: Mapping[str, np.ndarray] | None = None
+    train_source: str | None = None
+    source_model: onnx.ModelProto | None = None
+    progress: Callable[[str], None] | None = None
 
 
 class Pass(Protocol):
@@ -379,7 +388,9 @@ class PassManager:
         instruments: Sequence[Instrument] = (),
         disabled: Iterable[str] = (),
     ):
-        self.specs = list(specs)
+        from edgecc.passes.gradual import expand_gradual
+
+        self.specs = expand_gradual(specs)
         self.instruments = list(instruments)
         self.disabled = set(disabled)
         known = registered_passes()
@@ -412,6 +423,8 @@ class PassManager:
         ctx = ctx or PassContext()
         model = clone(model)
         tag_nodes(model, {}, "input")
+        if ctx.source_model is None:
+            ctx.source_model = clone(model)
         for inst in self.instruments:
             inst.before_pipeline(model, ctx)
         skipped = [s.text() for s in self.specs if s.name in self.disabled]

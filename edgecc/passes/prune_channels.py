@@ -26,6 +26,11 @@ inputs and outputs keep their shapes: groups touching them are declined (``info[
 with the reason, e.g. a classifier's logits). Shapes are re-inferred and stale ``value_info``
 dropped.
 
+Cumulative (``cumulative=true``, used by gradual pruning, :mod:`edgecc.passes.gradual`): the
+atom count of each group before the first prune is kept in the model metadata
+(``edgecc.prune.original_atoms``, by tensor name); the group keeps ``n0 - floor(ratio * n0)`` of
+its ``n0`` original atoms (never more than it has now).
+
 Limits: lossy by design (fine-tune afterwards); the analysis's limits apply (Split/Slice/Gather
 on channels, LayerNorm, attention reshapes leave their groups whole); ``round_to`` counts atoms,
 so it is exact per tensor only in groups without Concat; a constant shared by several nodes is
@@ -34,6 +39,7 @@ sliced into one copy per node.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -73,6 +79,11 @@ class PruneChannels:
         use_bn: scale importance by ``|gamma|`` of a BatchNorm right after the producer.
         only: node names: prune only the groups these nodes produce channels for (per-layer
             sensitivity); None prunes every group.
+        steps: with a ``distill`` right after, reach ``ratio`` in this many prune/distill steps
+            on a cubic schedule (expanded by the pass manager, see
+            :mod:`edgecc.passes.gradual`); 1 is one shot.
+        cumulative: count ``ratio`` against the channels before the first prune (recorded in
+            the model metadata), not the current ones, so successive prunes reach the targets.
     """
 
     def __init__(
@@ -84,7 +95,14 @@ class PruneChannels:
         skip: Iterable[str] = (),
         use_bn: bool = True,
         only: Iterable[str] | None = None,
+        steps: int = 1,
+        cumulative: bool = False,
     ):
+        if steps != 1:
+            raise UserInputError(
+                f"prune: steps={steps} is expanded by the pass manager (needs distill after it)"
+            )
+        self.cumulative = cumulative
         self.overrides = dict(overrides or {})
         for name, value in [("ratio", ratio), *self.overrides.items()]:
             if not 0 <= float(value) < 1:
@@ -109,6 +127,7 @@ class PruneChannels:
         values = _Values(index, types, analysis)
         info: dict[str, Any] = {"groups": [], "declined": []}
         keep: dict[str, np.ndarray] = {}
+        self._original = original_counts(model)
         for group in analysis.groups:
             if not group.sources:
                 continue  # nothing produces these channels (e.g. the graph input's)
@@ -142,6 +161,7 @@ class PruneChannels:
                         keep[name] = np.flatnonzero(mask)
         macs_before = graph_stats(model)["macs"]
         if keep:
+            record_counts(model, analysis, self._original)
             self._rewrite(model, index, analysis, values, keep)
         macs_after = graph_stats(model)["macs"] if keep else macs_before
         info.update(
@@ -172,6 +192,9 @@ class PruneChannels:
     ) -> np.ndarray:
         """Boolean mask over the group's atoms: which stay."""
         n = group.n_atoms
+        base = n
+        if self.cumulative:
+            base = max([self._original.get(t, n) for t in group.atoms] or [n])
         score = np.zeros(n)
         candidate = np.zeros(n, bool)
         for s in analysis.slices:
@@ -190,7 +213,7 @@ class PruneChannels:
             for tensor in values.node_tensors(name):
                 if tensor in group.atoms:
                     candidate[group.atoms[tensor]] = False
-        n_keep = n - math.floor(self._ratio(group) * n + 1e-9)
+        n_keep = base - math.floor(self._ratio(group) * base + 1e-9)
         n_keep = min(n, math.ceil(n_keep / self.round_to) * self.round_to)
         removable = np.flatnonzero(candidate)
         order = removable[np.argsort(score[removable], kind="stable")]
@@ -244,6 +267,33 @@ class PruneChannels:
                 )
         remove_if_unused(model, orphaned | remove_dead_nodes(model, orphaned))
         refresh_shapes(model)
+
+
+ORIGINAL_KEY = "edgecc.prune.original_atoms"
+
+
+def original_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> atom count of its channel group before the first prune (metadata)."""
+    for p in model.metadata_props:
+        if p.key == ORIGINAL_KEY:
+            return {k: int(v) for k, v in json.loads(p.value).items()}
+    return {}
+
+
+def record_counts(
+    model: onnx.ModelProto, analysis: ChannelAnalysis, known: Mapping[str, int]
+) -> None:
+    """Store every group's atom count before this prune where none is recorded yet."""
+    counts = dict(known)
+    for group in analysis.groups:
+        base = max([known.get(t, 0) for t in group.atoms] or [0]) or group.n_atoms
+        for t in group.atoms:
+            counts.setdefault(t, base)
+    for i in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[i].key == ORIGINAL_KEY:
+            del model.metadata_props[i]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ORIGINAL_KEY, json.dumps(counts, sort_keys=True)
 
 
 class _Values:

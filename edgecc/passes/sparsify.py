@@ -9,6 +9,9 @@ What it is for: dense kernels do not get faster from unstructured sparsity; it h
 compression only (a zipped package shrinks; the ONNX file and the compiled library do not).
 Accuracy drops with ``amount``: fine-tune afterwards, or use ``prune`` for real speed-ups.
 
+Gradual: ``sparsify(amount=a,steps=N),distill`` sparsifies in ``N`` steps on a cubic schedule,
+distilling in between (:mod:`edgecc.passes.gradual`); zeros stay zero through ``distill``.
+
 Declined, with the reason logged and listed in ``info["declined"]``: weights that are not
 constant, and weights also read by anything other than a Conv/ConvTranspose/Gemm/MatMul weight
 input (zeroing would change that reader). A weight shared by several such ops is sparsified
@@ -51,9 +54,22 @@ class Sparsify:
         amount: fraction of weight entries to zero, in [0, 1].
         scope: ``"layer"`` (that fraction of every weight) or ``"global"`` (of all weights).
         skip: names of nodes whose weights stay dense.
+        steps: with a ``distill`` right after, reach ``amount`` in this many sparsify/distill
+            steps on a cubic schedule (expanded by the pass manager, see
+            :mod:`edgecc.passes.gradual`); 1 is one shot.
     """
 
-    def __init__(self, amount: float = 0.5, scope: str = "layer", skip: Iterable[str] = ()):
+    def __init__(
+        self,
+        amount: float = 0.5,
+        scope: str = "layer",
+        skip: Iterable[str] = (),
+        steps: int = 1,
+    ):
+        if steps != 1:
+            raise UserInputError(
+                f"sparsify: steps={steps} is expanded by the pass manager (needs distill after it)"
+            )
         if not 0 <= float(amount) <= 1:
             raise UserInputError(f"sparsify: amount must be in [0, 1], got {amount}")
         if scope not in ("layer", "global"):
