@@ -152,10 +152,10 @@ def bounded_lower(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     real = edgecc.lower.lower
     counts = {"real": 0, "import_only": 0}
 
-    def lower(model, target, shapes, dtypes, out_path, progress=None):
+    def lower(model, target, shapes, dtypes, out_path, progress=None, **options):
         if counts["real"] < REAL_BUILDS:
             counts["real"] += 1
-            return real(model, target, shapes, dtypes, out_path, progress=progress)
+            return real(model, target, shapes, dtypes, out_path, progress=progress, **options)
         import_relax(model, shapes, dtypes, progress or (lambda line: None))
         counts["import_only"] += 1
         Path(out_path).write_bytes(b"placeholder: TVM build skipped by the fuzz test")

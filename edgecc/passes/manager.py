@@ -48,7 +48,14 @@ logger = logging.getLogger(__name__)
 PASS_TAG = "edgecc.pass"
 # Passes that often have nothing to do (cleanup); their "no change" is logged at INFO, not WARNING.
 HOUSEKEEPING = frozenset(
-    {"fold-constants", "expand-rnn", "remove-identity", "eliminate-dead", "shape-inference"}
+    {
+        "fold-constants",
+        "expand-rnn",
+        "qlinear-to-qdq",
+        "remove-identity",
+        "eliminate-dead",
+        "shape-inference",
+    }
 )
 
 
