@@ -30,22 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from edgecc.errors import UserInputError
+from edgecc.passes.dump import SUMMARY_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 BENCH_FILE = "bench.json"
 # Columns of the per-pass table the page shows (report.json rows hold more).
-PASS_COLUMNS = (
-    "step",
-    "pass",
-    "modified",
-    "nodes",
-    "params",
-    "macs",
-    "bytes",
-    "max_abs_diff",
-    "cosine",
-)
+PASS_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c != "seconds")
 
 
 def save_bench(package: Any, result: Mapping[str, Any]) -> Path | None:

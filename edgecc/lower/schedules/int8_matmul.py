@@ -30,7 +30,13 @@ from typing import Any
 
 from edgecc.lower.schedules import CpuRule, register_rule
 from edgecc.lower.schedules import int8_intrinsics as intrin
-from edgecc.lower.schedules.matmul import Matmul, Tiling, _match_product, choose_tiling
+from edgecc.lower.schedules.matmul import (
+    Matmul,
+    Tiling,
+    _match_product,
+    choose_tiling,
+    pack_constant_b,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,39 +153,4 @@ def pack_weights(sch: Any, main: Any, kinds: list[str], nb: int, kp: int) -> boo
     """Re-lay the constant B (``[K, N]`` or ``[N, K]``) as ``[N / nb, K / kp, nb, kp]`` at
     compile time (a ``layout_rewrite_preproc`` copy, folded into the constant after
     scheduling); False when B is not a constant kernel parameter or not indexed by ``K, J``."""
-    from tvm import tirx
-
-    func = sch.mod["main"]
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    if not free:
-        return False
-    block = sch.get(main)
-    matched = _match_product(block)
-    if matched is None:
-        return False
-    b = matched[2]
-    if not any(b.source.same_as(func.params[int(i)]) for i in free):
-        return False
-    kind_of = {iv.var: k for iv, k in zip(block.iter_vars, kinds, strict=True)}
-    dims: dict[str, int] = {}
-    for pos, idx in enumerate(b.indices):
-        if isinstance(idx, tirx.IntImm):
-            continue
-        kind = kind_of.get(idx)
-        if kind not in ("K", "J") or kind in dims:
-            return False
-        dims[kind] = pos
-    if set(dims) != {"K", "J"}:
-        return False
-    read = next((i for i, r in enumerate(block.reads) if r.source.same_as(b.source)), None)
-    if read is None:
-        return False
-    k_dim, j_dim = dims["K"], dims["J"]
-
-    def packed(*axes: Any) -> list[Any]:
-        return [axes[j_dim] // nb, axes[k_dim] // kp, axes[j_dim] % nb, axes[k_dim] % kp]
-
-    copy = sch.cache_read(main, read, "global")
-    sch.transform_layout(main, ("read", read), tirx.IndexMap.from_func(packed, ndim=len(b.indices)))
-    sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
-    return True
+    return pack_constant_b(sch, main, kinds, lambda k, j: [j // nb, k // kp, j % nb, k % kp])

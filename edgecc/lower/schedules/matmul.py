@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,44 +192,8 @@ class Matmul(CpuRule):
         ``nb = nr * v``: each register block then streams one contiguous panel. The copy is a
         ``layout_rewrite_preproc`` block, split out of the kernel and folded into the constant
         after scheduling (:func:`edgecc.lower.schedules.post_schedule_passes`)."""
-        from tvm import tirx
-
-        free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-        if not free:
-            return False
-        matched = _match_product(sch.get(main))
-        if matched is None:
-            return False
-        _, _, b = matched
-        params = [func.params[int(i)] for i in free]
-        if not any(b.source.same_as(p) for p in params):
-            return False
-        block = sch.get(main)
-        kind_of = {iv.var: k for iv, k in zip(block.iter_vars, kinds, strict=True)}
-        dims: dict[str, int] = {}
-        for pos, idx in enumerate(b.indices):
-            if isinstance(idx, tirx.IntImm):
-                continue
-            kind = kind_of.get(idx)
-            if kind not in ("K", "J") or kind in dims:
-                return False
-            dims[kind] = pos
-        if set(dims) != {"K", "J"}:
-            return False
-        read = next((i for i, r in enumerate(block.reads) if r.source.same_as(b.source)), None)
-        if read is None:
-            return False
         nb = t.nr * t.v
-        k_dim, j_dim = dims["K"], dims["J"]
-
-        def packed(*axes: Any) -> list[Any]:
-            return [axes[j_dim] // nb, axes[k_dim], axes[j_dim] % nb]
-
-        index_map = tirx.IndexMap.from_func(packed, ndim=len(b.indices))
-        copy = sch.cache_read(main, read, "global")
-        sch.transform_layout(main, ("read", read), index_map)
-        sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
-        return True
+        return pack_constant_b(sch, main, kinds, lambda k, j: [j // nb, k, j % nb])
 
     # --- analysis -----------------------------------------------------------------------------
 
@@ -364,3 +329,49 @@ class Matmul(CpuRule):
         if jn is not None:
             sch.vectorize(sch.get_loops(init)[-1])
         return sch
+
+
+def pack_constant_b(
+    sch: Any, main: Any, kinds: list[str], panel: Callable[[Any, Any], list[Any]]
+) -> bool:
+    """Re-lay the constant B operand of ``main`` at compile time by ``panel(k, j)`` (its new
+    indices from B's K and J index), as a ``meta_schedule.layout_rewrite_preproc`` copy that
+    :func:`edgecc.lower.schedules.post_schedule_passes` folds into the constant. Shared by the
+    float and int8 matmul rules. False when B is not a constant kernel parameter
+    (``layout_free_buffers``) or is not indexed by exactly one K and one J iterator."""
+    from tvm import tirx
+
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    if not free:
+        return False
+    block = sch.get(main)
+    matched = _match_product(block)
+    if matched is None:
+        return False
+    b = matched[2]
+    if not any(b.source.same_as(func.params[int(i)]) for i in free):
+        return False
+    kind_of = {iv.var: k for iv, k in zip(block.iter_vars, kinds, strict=True)}
+    dims: dict[str, int] = {}
+    for pos, idx in enumerate(b.indices):
+        if isinstance(idx, tirx.IntImm):
+            continue
+        kind = kind_of.get(idx)
+        if kind not in ("K", "J") or kind in dims:
+            return False
+        dims[kind] = pos
+    if set(dims) != {"K", "J"}:
+        return False
+    read = next((i for i, r in enumerate(block.reads) if r.source.same_as(b.source)), None)
+    if read is None:
+        return False
+    k_dim, j_dim = dims["K"], dims["J"]
+
+    def packed(*axes: Any) -> list[Any]:
+        return panel(axes[k_dim], axes[j_dim])
+
+    copy = sch.cache_read(main, read, "global")
+    sch.transform_layout(main, ("read", read), tirx.IndexMap.from_func(packed, ndim=len(b.indices)))
+    sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
+    return True
