@@ -17,67 +17,68 @@ _NEEDS = (
     "(pip install apache-tvm==0.27.0.post1)"
 )
 
-X86_AVX2 = register_target(
-    Target(
-        name="x86-avx2",
-        description="x86-64 CPU with AVX2 and FMA (Haswell and newer, Zen)",
-        tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
-        arch="x86_64",
-        runtime_needs=_NEEDS + "; a CPU with AVX2",
-        aliases=("avx2",),
-        vector_bits=256,
-        l2_bytes=1024 * 1024,
+
+def _x86(
+    name: str,
+    description: str,
+    mcpu: str,
+    needs: str,
+    aliases: tuple[str, ...],
+    vector_bits: int,
+    mattr: tuple[str, ...] = (),
+) -> Target:
+    """Register one x86-64 Linux record: an LLVM micro-architecture level plus extra features."""
+    tvm_target: dict = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}
+    if mattr:
+        tvm_target["mattr"] = list(mattr)
+    return register_target(
+        Target(
+            name=name,
+            description=description,
+            tvm_target=tvm_target,
+            arch="x86_64",
+            runtime_needs=f"{_NEEDS}; a CPU with {needs}",
+            aliases=aliases,
+            vector_bits=vector_bits,
+            l2_bytes=1024 * 1024,
+        )
     )
+
+
+# Each record: name, description, LLVM level, what the CPU needs, aliases, vector bits, features.
+X86_AVX2 = _x86(
+    "x86-avx2",
+    "x86-64 CPU with AVX2 and FMA (Haswell and newer, Zen)",
+    "x86-64-v3",
+    "AVX2",
+    ("avx2",),
+    256,
 )
-
-X86_AVX512 = register_target(
-    Target(
-        name="x86-avx512",
-        description="x86-64 CPU with AVX-512 (Skylake-SP, Ice Lake, Zen 4/5)",
-        tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"},
-        arch="x86_64",
-        runtime_needs=_NEEDS + "; a CPU with AVX-512 (F, BW, DQ, VL)",
-        aliases=("avx512",),
-        vector_bits=512,
-        l2_bytes=1024 * 1024,
-    )
+X86_AVX512 = _x86(
+    "x86-avx512",
+    "x86-64 CPU with AVX-512 (Skylake-SP, Ice Lake, Zen 4/5)",
+    "x86-64-v4",
+    "AVX-512 (F, BW, DQ, VL)",
+    ("avx512",),
+    512,
 )
-
-
-X86_AVX512_VNNI = register_target(
-    Target(
-        name="x86-avx512-vnni",
-        description="x86-64 CPU with AVX-512 and AVX512-VNNI (Cascade Lake, Ice Lake, Zen 4/5)",
-        tvm_target={
-            "kind": "llvm",
-            "mtriple": "x86_64-linux-gnu",
-            "mcpu": "x86-64-v4",
-            "mattr": ["+avx512vnni"],
-        },
-        arch="x86_64",
-        runtime_needs=_NEEDS + "; a CPU with AVX-512 (F, BW, DQ, VL) and AVX512-VNNI",
-        aliases=("avx512-vnni", "vnni"),
-        vector_bits=512,
-        l2_bytes=1024 * 1024,
-    )
+X86_AVX512_VNNI = _x86(
+    "x86-avx512-vnni",
+    "x86-64 CPU with AVX-512 and AVX512-VNNI (Cascade Lake, Ice Lake, Zen 4/5)",
+    "x86-64-v4",
+    "AVX-512 (F, BW, DQ, VL) and AVX512-VNNI",
+    ("avx512-vnni", "vnni"),
+    512,
+    ("+avx512vnni",),
 )
-
-X86_AVX_VNNI = register_target(
-    Target(
-        name="x86-avx-vnni",
-        description="x86-64 CPU with AVX2 and AVX-VNNI (Alder Lake, Zen 5 client)",
-        tvm_target={
-            "kind": "llvm",
-            "mtriple": "x86_64-linux-gnu",
-            "mcpu": "x86-64-v3",
-            "mattr": ["+avxvnni"],
-        },
-        arch="x86_64",
-        runtime_needs=_NEEDS + "; a CPU with AVX2 and AVX-VNNI",
-        aliases=("avx-vnni",),
-        vector_bits=256,
-        l2_bytes=1024 * 1024,
-    )
+X86_AVX_VNNI = _x86(
+    "x86-avx-vnni",
+    "x86-64 CPU with AVX2 and AVX-VNNI (Alder Lake, Zen 5 client)",
+    "x86-64-v3",
+    "AVX2 and AVX-VNNI",
+    ("avx-vnni",),
+    256,
+    ("+avxvnni",),
 )
 
 
