@@ -18,24 +18,14 @@ from edgecc.errors import UserInputError
 from edgecc.runtime import RUNNER
 from edgecc.runtime.bench import benchmark_library
 from edgecc.targets import get_target
-from tests.runtime.test_runtime import add_model
+from tests.runtime.test_runtime import build_add_library
 
 FEEDS = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 10, 100], np.float32)}
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
-    from edgecc.lower import lower
-
-    out = tmp_path_factory.mktemp("lib") / "add.so"
-    lower(
-        add_model(),
-        get_target("x86"),
-        {"a": (2, 3), "b": (3,)},
-        {"a": "float32", "b": "float32"},
-        out,
-    )
-    return out
+    return build_add_library(tmp_path_factory.mktemp("lib") / "add.so")
 
 
 def test_benchmark_fields(library):

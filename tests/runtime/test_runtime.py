@@ -39,11 +39,10 @@ def add_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.fixture(scope="module")
-def x86_library(tmp_path_factory) -> Path:
+def build_add_library(out: Path) -> Path:
+    """Lower :func:`add_model` for the x86 host into ``out``."""
     from edgecc.lower import lower
 
-    out = tmp_path_factory.mktemp("lib") / "add.so"
     lower(
         add_model(),
         get_target("x86"),
@@ -52,6 +51,11 @@ def x86_library(tmp_path_factory) -> Path:
         out,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def x86_library(tmp_path_factory) -> Path:
+    return build_add_library(tmp_path_factory.mktemp("lib") / "add.so")
 
 
 def test_x86_run_uses_inputs_in_order(x86_library):
