@@ -98,7 +98,8 @@ def session_requester(wait: float, answer: float | None = None) -> Callable[...,
         thread.join(answer_s)
         if thread.is_alive():  # the abandoned thread ends with the process (or the board)
             raise RuntimeError(
-                f"{silent} {where} ({key}) within {answer_s:g} s: it froze or its network is down"
+                f"{silent} {where} (key {key}) within {answer_s:g} s: it froze or its "
+                "network is down"
             )
         if "error" in box:
             lines = str(box["error"]).strip().splitlines() or [type(box["error"]).__name__]
