@@ -15,6 +15,9 @@ the board:
   builder is the caller's choice of ``inprocess`` (serial, in this process) or ``local``
   (MetaSchedule's pool of worker processes, ``f_export`` = the same shared-library export).
   Timed locally on a host target, the default tar export is kept (the host links it itself).
+* **Boards of the target's architecture** (:func:`check_boards_fit`): one board of the key
+  is asked what it is before tuning; an x86 board for an rpi4 tuning fails in one line
+  instead of failing every candidate.
 * **Farm faults** (:func:`farm_errors`). A runner that stopped the tuning (the tracker went down,
   no board left under the key, or every candidate of a batch was lost to boards that do not
   answer: :class:`edgecc.rpc.runner.FarmRunner`) ends the record pass with its one-line
@@ -41,7 +44,14 @@ log = logging.getLogger(__name__)
 
 ARTIFACT = "tvm_tmp_mod.so"  # a candidate's file name (the RPC runner uploads it by this name)
 
-__all__ = ["ARTIFACT", "candidate_builder", "farm_errors", "needs_shared_library", "so_export"]
+__all__ = [
+    "ARTIFACT",
+    "candidate_builder",
+    "check_boards_fit",
+    "farm_errors",
+    "needs_shared_library",
+    "so_export",
+]
 
 
 def needs_shared_library(target: Target, runner: Any) -> bool:
@@ -60,13 +70,15 @@ def so_export(linker: str) -> Callable[[Any], str]:
     by value to its worker processes.
     """
 
+    name = ARTIFACT
+
     def export(mod: Any) -> str:
         import os
         import tempfile
 
         from tvm.support import cc
 
-        path = os.path.join(tempfile.mkdtemp(prefix="edgecc-candidate-"), "tvm_tmp_mod.so")
+        path = os.path.join(tempfile.mkdtemp(prefix="edgecc-candidate-"), name)
         mod.export_library(path, fcompile=cc.cross_compiler(linker))
         return path
 
@@ -98,6 +110,15 @@ def candidate_builder(target: Target, kind: Any, register: Callable[[], None], r
     linker = _linker(target)
     log.info("tuning candidates for %s are linked by %s into shared libraries", target.name, linker)
     return _builder(kind, register, export=so_export(linker))
+
+
+def check_boards_fit(target: Target, runner: Any) -> None:
+    """Before tuning on boards: fail in one line (:class:`edgecc.rpc.RPCError`) when the
+    runner's boards are not of ``target``'s architecture (an rpi4 tuning sent to the key of x86
+    boards). Asks one free board (``FarmRunner.check_machine``); other runners pass."""
+    check = getattr(runner, "check_machine", None)
+    if check is not None:
+        check(target.arch, target.name)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from edgecc.rpc.farm import RPCError, check_boards, parse_address
-from edgecc.rpc.session import NO_ANSWER, NOT_FREE, answer_timeout, margin, session_requester
+from edgecc.rpc.session import (
+    NO_ANSWER,
+    NOT_FREE,
+    answer_timeout,
+    margin,
+    probe_board,
+    session_requester,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +152,7 @@ def _farm_runner_class() -> Any:
 
         def __init__(self, address, key, timeout, evaluator, workers) -> None:
             PyRunner.__init__(self)  # RPCRunner.__init__ would start a pool without timeout
-            self.address, self.board_key = address, key
+            self.address, self.board_key, self.timeout = address, key, timeout
             self.rpc_config = RPCConfig(
                 tracker_host=address[0],
                 tracker_port=address[1],
@@ -177,6 +184,21 @@ def _farm_runner_class() -> Any:
             # `timeout` on it; a board frozen mid-session is given up a margin later
             self.pool_timeout = 2 * timeout + answer + margin(timeout)
             self.pool = PopenPoolExecutor(max_workers=workers, timeout=self.pool_timeout)
+
+        def check_machine(self, arch: str, target_name: str) -> None:
+            """Fail in one line when a board of the key is not an ``arch`` machine (an rpi4
+            tuning sent to x86 boards would fail every candidate); boards that do not say what
+            they are (a plain TVM server) pass."""
+            from edgecc.runtime import _MACHINES
+
+            where, info = probe_board(self.address, self.board_key, self.timeout)
+            machine = str(info.get("machine") or "")
+            if machine and _MACHINES.get(machine.lower(), machine.lower()) != arch:
+                raise RPCError(
+                    f"board {where} of key {self.board_key!r} is a {machine} machine, but "
+                    f"{target_name} candidates are built for {arch}: use a key of {arch} "
+                    "boards (`edgecc rpc status` lists the keys)"
+                )
 
         def run(self, runner_inputs):
             if self.stopped is not None:

@@ -41,7 +41,14 @@ NO_ANSWER = "no answer from board"  # how a session that a board never opened is
 NOT_FREE = "no board of key"  # ... and a wait for a free board that timed out
 BOARD_INFO = "edgecc.rpc.board_info"  # registered by edgecc's server (edgecc/runtime/rpc_server)
 
-__all__ = ["DEFAULT_TIMEOUT", "bench_package", "run_package", "run_remote", "session_requester"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "bench_package",
+    "probe_board",
+    "run_package",
+    "run_remote",
+    "session_requester",
+]
 
 
 def session_requester(wait: float, answer: float | None = None) -> Callable[..., tuple[Any, str]]:
@@ -283,6 +290,28 @@ def margin(timeout: float) -> float:
     """Extra seconds, beyond a session's ``timeout``, before a silent board is given up:
     ``timeout`` itself, at most :data:`MARGIN`."""
     return min(MARGIN, timeout)
+
+
+def probe_board(tracker: str | tuple[str, int], key: str, timeout: float) -> tuple[str, dict]:
+    """Open a session on a free board of ``key`` only to ask what it is: ``(board, info)``,
+    ``info`` as edgecc's server reports it (``machine``, ``threads``, ``emulated``...; empty for
+    a plain TVM server). The wait for a free board and for its answer are bounded by
+    ``timeout``.
+
+    Raises:
+        RPCError: the tracker is down, no board serves ``key`` or none answered.
+    """
+    address = tracker if isinstance(tracker, tuple) else parse_address(tracker)
+    request = session_requester(wait=timeout, answer=answer_timeout(timeout))
+    try:
+        sess, where = request(address[0], address[1], key, timeout)
+    except RuntimeError as err:
+        raise RPCError(str(err)) from None
+    try:
+        return where, _board_info(sess)
+    finally:
+        del sess  # the board is free again once the session object is gone
+        gc.collect()
 
 
 def _check_options(tracker: str | None, key: str | None, threads: int | None) -> None:

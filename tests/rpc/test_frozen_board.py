@@ -91,8 +91,9 @@ def test_tune_with_only_a_frozen_board_stops_with_one_line(capsys, farm, frozen,
     assert code == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("edgecc: error:")]
     assert errors == [err.strip().splitlines()[-1]], err
-    assert f"no board of key '{frozen.key}' measured any" in errors[0]
-    assert "no answer from board" in errors[0] and len(frozen.accepted) == 1
+    # the board asked what it is before tuning (tune_remote.check_boards_fit) never answers
+    assert f"no answer from board 127.0.0.1:{frozen.port} (key {frozen.key})" in errors[0]
+    assert len(frozen.accepted) == 1
     # the files parse; the lost baseline is not a record (records begin with a workload index)
     assert not [r for r in lines(tmp_path / "records") if isinstance(r[0], int)]
 
@@ -116,3 +117,34 @@ def test_run_and_bench_on_a_frozen_board_give_one_line(capsys, monkeypatch, farm
     code = main(["run", str(packages["x86"]), *board])
     _, err = capsys.readouterr()
     assert code == 2 and "EDGECC_RPC_TIMEOUT='soon'" in err
+
+
+def test_a_batch_lost_to_frozen_boards_stops_the_tuning():
+    """FarmRunner's rule (no board needed): a batch whose every candidate was lost to a board
+    (no answer, never free, killed at the pool timeout) stops the tuning with one RPCError line
+    (tune_remote.farm_errors raises it even when MetaSchedule's loop went on); a batch with
+    one measured candidate, or with a candidate's own failure, does not."""
+    from types import SimpleNamespace
+
+    from edgecc.lower.tune_remote import farm_errors
+    from edgecc.rpc import RPCError
+    from edgecc.rpc.runner import _Batch
+
+    runner = SimpleNamespace(stopped=None, board_key="rpi4")
+    lost = "RPCRunner: An exception occurred\nTraceback ...\nRuntimeError: no answer from board "
+    batch = _Batch(runner, 2)
+    batch.report(lost + "1.2.3.4:9090 (key rpi4) within 2 s: it froze")
+    batch.report(None)  # measured
+    batch = _Batch(runner, 1)
+    batch.report("RPCRunner: An exception occurred\nRuntimeError: segfault")  # its own failure
+    assert runner.stopped is None
+    with pytest.raises(RPCError) as caught, farm_errors(runner):  # the loop went on
+        batch = _Batch(runner, 2)
+        batch.report(lost + "1.2.3.4:9090 (key rpi4) within 2 s: it froze")
+        batch.report("RPCRunner: Timeout, killed after 14.0 seconds")
+    text = str(caught.value)
+    assert "\n" not in text and text.startswith("tuning stopped: no board of key 'rpi4'")
+    assert text.endswith("RPCRunner: Timeout, killed after 14.0 seconds")
+    with pytest.raises(RPCError) as again, farm_errors(runner):
+        raise RuntimeError("MetaSchedule's loop re-raised the runner's error")
+    assert again.value is runner.stopped

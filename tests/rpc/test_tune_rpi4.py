@@ -68,6 +68,17 @@ def test_rpi4_candidates_are_aarch64_shared_libraries():
     assert candidate_builder(get_target("x86"), "inprocess", register, runner=None) == "inprocess"
 
 
+def test_an_rpi4_tuning_refuses_x86_boards(farm):
+    """Before tuning, one board of the key says what it is (edgecc's board_info)."""
+    from edgecc.rpc import RPCError, make_runner
+
+    farm.wait("x86")
+    runner = make_runner(farm.tracker, "x86", timeout=20)
+    runner.check_machine("x86_64", "x86")
+    with pytest.raises(RPCError, match=r"of key 'x86' is a x86_64 machine, but rpi4 candidates"):
+        runner.check_machine("aarch64", "rpi4")
+
+
 def test_tuning_rpi4_without_a_board_is_refused_in_one_line(capsys, tmp_path):
     import onnx
 
