@@ -235,8 +235,8 @@ def records_pass(tuning: Tuning, target: Target, rules: list, coverage: Any, say
             tuning.builder = tune_remote.candidate_builder(
                 target, tuning.builder, register, tuning.runner
             )
-            tune_remote.check_boards_fit(target, tuning.runner)
             with meta_schedule_logging(), tune_remote.farm_errors(tuning.runner):
+                tune_remote.check_boards_fit(target, tuning.runner)
                 facts.update(_tune(kernels, database, tvm_target, rules, tuning, register, say))
         applied, failed = {}, []
         for name, (gvar, func) in kernels.items():

@@ -25,6 +25,9 @@ the board:
   ``RuntimeError`` or the loop finished with the runner stopped. The records measured before
   stay in the database: MetaSchedule commits each batch as it completes (one JSON line per
   record), and a lost candidate is committed without run time, never chosen as a best record.
+  The record pass runs inside TVM's pass infrastructure, whose FFI turns any Python exception
+  into a ``RuntimeError`` with its message: callers get the RPCError back from the runner's
+  ``stopped`` with :func:`edgecc.rpc.runner_errors` (``edgecc tune`` does).
 
 Limits: the board's times are what the records keep, so records tuned on one board model apply
 to builds for the same target; the board needs the TVM runtime's random fill

@@ -191,14 +191,20 @@ def _farm_runner_class() -> Any:
             they are (a plain TVM server) pass."""
             from edgecc.runtime import _MACHINES
 
-            where, info = probe_board(self.address, self.board_key, self.timeout)
-            machine = str(info.get("machine") or "")
-            if machine and _MACHINES.get(machine.lower(), machine.lower()) != arch:
-                raise RPCError(
-                    f"board {where} of key {self.board_key!r} is a {machine} machine, but "
-                    f"{target_name} candidates are built for {arch}: use a key of {arch} "
-                    "boards (`edgecc rpc status` lists the keys)"
-                )
+            try:
+                where, info = probe_board(self.address, self.board_key, self.timeout)
+                machine = str(info.get("machine") or "")
+                if machine and _MACHINES.get(machine.lower(), machine.lower()) != arch:
+                    raise RPCError(
+                        f"board {where} of key {self.board_key!r} is a {machine} machine, but "
+                        f"{target_name} candidates are built for {arch}: use a key of {arch} "
+                        "boards (`edgecc rpc status` lists the keys)"
+                    )
+            except RPCError as err:
+                # raised inside edgecc's record pass, it reaches the caller as TVM's RuntimeError
+                # (the FFI keeps only the message): runner_errors gets it back from here
+                self.stopped = err
+                raise
 
         def run(self, runner_inputs):
             if self.stopped is not None:
