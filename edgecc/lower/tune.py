@@ -153,9 +153,12 @@ def lower_tuned(
             Path(work), trials_per_task, explicit=work_dir is not None, seed=seed,
             builder=builder, runner=runner,
         )  # fmt: skip
-        return lower(
-            model, target, input_shapes, input_dtypes, Path(out_path), progress, tuning=tuning
-        )
+        from edgecc.lower.tune_remote import farm_errors
+
+        with farm_errors(runner):  # a farm's RPCError, not the RuntimeError TVM's FFI made of it
+            return lower(
+                model, target, input_shapes, input_dtypes, Path(out_path), progress, tuning=tuning
+            )
 
 
 def check_tunable(target: Target, tuning: Tuning) -> None:
