@@ -90,6 +90,7 @@ def test_tuning_rpi4_without_a_board_is_refused_in_one_line(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.emulation
 def test_tune_rpi4_on_the_board_then_compile_and_run_with_the_records(capsys, farm, tmp_path):
     import onnx
 
