@@ -91,6 +91,7 @@ def test_tuning_rpi4_without_a_board_is_refused_in_one_line(capsys, tmp_path):
 
 
 @pytest.mark.emulation
+@pytest.mark.slow  # two compiles and three candidates under qemu: > 20 s even when idle
 def test_tune_rpi4_on_the_board_then_compile_and_run_with_the_records(capsys, farm, tmp_path):
     import onnx
 
