@@ -57,38 +57,24 @@ class Browser:
             os.closerange(5, 1 << 16)  # nothing else of this process leaks into the browser
 
         args = [
-            CHROMIUM,
-            "--headless",
-            "--remote-debugging-pipe",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-extensions",
-            "--disable-background-networking",
-            "--disable-sync",
-            "--mute-audio",
-            f"--user-data-dir={self._profile}",
-            f"--window-size={self.width},{self.height}",
+            CHROMIUM, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
+            "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+            "--disable-background-networking", "--disable-sync", "--mute-audio",
+            f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}",
             "about:blank",
         ]
         self._proc = subprocess.Popen(
-            args,
-            preexec_fn=fds,
-            close_fds=False,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            args, preexec_fn=fds, close_fds=False, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
         try:
             targets = self.call("Target.getTargets")["targetInfos"]
             page = next(t["targetId"] for t in targets if t["type"] == "page")
-            self._session = self.call("Target.attachToTarget", {"targetId": page, "flatten": True})[
-                "sessionId"
-            ]
+            self._session = self.call(
+                "Target.attachToTarget", {"targetId": page, "flatten": True}
+            )["sessionId"]
             for domain in ("Page", "Runtime", "Log"):
                 self.call(f"{domain}.enable", session=True)
         except BaseException:

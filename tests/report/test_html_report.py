@@ -21,49 +21,27 @@ from edgecc.report.variants import BENCH_FILE, collect, save_bench
 from tests.report.fake_packages import bench_result, make_package, sensitivity_result
 
 EVIL = "<script>console.error('pwned')</script>"
-ACCURACY = {
-    "metric": "top1",
-    "float": 0.9,
-    "final": 0.885,
-    "drop": 0.015,
-    "max_drop": 0.02,
-    "samples": 1000,
-    "data": "fm.npz",
-}
+ACCURACY = {"metric": "top1", "float": 0.9, "final": 0.885, "drop": 0.015, "max_drop": 0.02,
+            "samples": 1000, "data": "fm.npz"}
 
 
 @pytest.fixture()
 def variants(tmp_path) -> list[Path]:
     """fp32 (accuracy, bench), int8 (accuracy, kept float, sensitivity, bench), pruned (no
     accuracy, spared layers), rpi4 (instruction counts)."""
-    fp32 = make_package(
-        tmp_path / "m-fp32",
-        pipeline="fold-bn",
-        cosine=0.999999,
-        library_bytes=400_000,
-        extra={"accuracy": {**ACCURACY, "final": 0.9, "drop": 0.0}},
-    )
-    int8 = make_package(
-        tmp_path / "m-int8",
-        library_bytes=150_000,
-        extra={
-            "accuracy": ACCURACY,
-            "kept_float": [f"/head/Gemm{EVIL}"],
-            "sensitivity": sensitivity_result(30, EVIL),
-        },
-    )
-    pruned = make_package(
-        tmp_path / "m-pruned",
-        pipeline="prune(ratio=0.5)",
-        final_params=5000,
-        extra={"spared": [{"layer": "/blocks.3/conv", "ratio": 0.2}]},
-    )
+    fp32 = make_package(tmp_path / "m-fp32", pipeline="fold-bn", cosine=0.999999,
+                        library_bytes=400_000,
+                        extra={"accuracy": {**ACCURACY, "final": 0.9, "drop": 0.0}})
+    int8 = make_package(tmp_path / "m-int8", library_bytes=150_000,
+                        extra={"accuracy": ACCURACY, "kept_float": [f"/head/Gemm{EVIL}"],
+                               "sensitivity": sensitivity_result(30, EVIL)})
+    pruned = make_package(tmp_path / "m-pruned", pipeline="prune(ratio=0.5)", final_params=5000,
+                          extra={"spared": [{"layer": "/blocks.3/conv", "ratio": 0.2}]})
     rpi4 = make_package(tmp_path / "m-rpi4", target="rpi4")
     for pkg, ratio in ((fp32, 1.0), (int8, 0.55), (pruned, 0.7)):
         save_bench(Package(pkg), bench_result(ratio))
-    save_bench(
-        Package(rpi4), {"emulated": True, "instructions_per_inference": 12_345_678, "threads": 1}
-    )
+    save_bench(Package(rpi4), {"emulated": True, "instructions_per_inference": 12_345_678,
+                               "threads": 1})
     return [fp32, int8, pruned, rpi4]
 
 
@@ -73,13 +51,8 @@ def test_collect_reads_every_source(variants):
     assert [v["name"] for v in data["variants"]] == ["m-fp32", "m-int8", "m-pruned", "m-rpi4"]
     assert int8["accuracy"]["final"] == 0.885 and int8["accuracy"]["drop"] == 0.015
     assert int8["accuracy_source"] == "manifest" and pruned["accuracy"] is None
-    assert int8["latency"] == {
-        "kind": "ratio",
-        "ratio": 0.55,
-        "edgecc_ms": 1.1,
-        "onnxruntime_ms": 2.0,
-        "threads": 2,
-    }
+    assert int8["latency"] == {"kind": "ratio", "ratio": 0.55, "edgecc_ms": 1.1,
+                               "onnxruntime_ms": 2.0, "threads": 2}
     assert rpi4["latency"]["kind"] == "instructions"
     assert rpi4["latency"]["instructions_per_inference"] == 12_345_678
     assert int8["kept_float"] == [f"/head/Gemm{EVIL}"] and fp32["kept_float"] is None
@@ -98,22 +71,18 @@ def test_collect_reads_every_source(variants):
 def test_eval_file_wins_over_the_manifest_and_fills_missing(variants, tmp_path):
     (tmp_path / "e.json").write_text(json.dumps({"top1": 0.7, "top5": 0.95, "samples": 64}))
     (tmp_path / "f.json").write_text(json.dumps({"top1": 0.8, "samples": 64}))
-    data = collect(
-        variants, evals=[f"m-pruned={tmp_path / 'e.json'}", f"{variants[1]}={tmp_path / 'f.json'}"]
-    )
+    data = collect(variants, evals=[f"m-pruned={tmp_path / 'e.json'}",
+                                    f"{variants[1]}={tmp_path / 'f.json'}"])
     pruned, int8 = data["variants"][2], data["variants"][1]
     assert pruned["accuracy"]["final"] == 0.7 and pruned["accuracy"]["top5"] == 0.95
     assert int8["accuracy"]["final"] == 0.8 and int8["accuracy_source"].endswith("f.json")
 
 
-@pytest.mark.parametrize(
-    "evals, message",
-    [
-        (["nope=e.json"], "names none of the packages"),
-        (["e.json"], "with several packages write PKG=FILE.json"),
-        (["m-fp32=missing.json"], "does not exist"),
-    ],
-)
+@pytest.mark.parametrize("evals, message", [
+    (["nope=e.json"], "names none of the packages"),
+    (["e.json"], "with several packages write PKG=FILE.json"),
+    (["m-fp32=missing.json"], "does not exist"),
+])
 def test_bad_eval_arguments_are_user_errors(variants, evals, message):
     with pytest.raises(UserInputError, match=message):
         collect(variants, evals=evals)
@@ -138,15 +107,12 @@ def test_a_stale_or_damaged_bench_json_is_not_used(variants):
 
 
 def test_malformed_optional_entries_become_notes(tmp_path):
-    pkg = make_package(
-        tmp_path / "odd",
-        extra={
-            "accuracy": {"metric": "top1", "final": "high"},
-            "sensitivity": {"layers": "many"},
-            "kept_float": "all",
-            "spared": [3, {"layer": "a", "ratio": "x"}],
-        },
-    )
+    pkg = make_package(tmp_path / "odd", extra={
+        "accuracy": {"metric": "top1", "final": "high"},
+        "sensitivity": {"layers": "many"},
+        "kept_float": "all",
+        "spared": [3, {"layer": "a", "ratio": "x"}],
+    })
     (v,) = collect([pkg])["variants"]
     assert v["accuracy"] is None and v["sensitivity"] is None and v["kept_float"] is None
     assert v["spared"] == [{"layer": "a", "ratio": None}]
@@ -218,11 +184,8 @@ def test_page_is_self_contained_and_escaped(variants, tmp_path):
 
 
 def test_untrusted_folder_model_and_pipeline_names_are_escaped(tmp_path):
-    pkg = make_package(
-        tmp_path / "m<b>x",
-        pipeline=f"qdq{EVIL}",
-        extra={"sensitivity": {**sensitivity_result(2), "model": EVIL}},
-    )
+    pkg = make_package(tmp_path / "m<b>x", pipeline=f"qdq{EVIL}",
+                       extra={"sensitivity": {**sensitivity_result(2), "model": EVIL}})
     write_report([pkg], tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert "<b>" not in page and "<script>" not in page
@@ -272,8 +235,7 @@ def test_writing_is_atomic(variants, tmp_path):
     with pytest.raises(UserInputError, match="model.onnx is missing"):
         write_report([*variants, damaged], out)
     assert out.read_text() == "earlier" and sorted(p.name for p in out.parent.iterdir()) == [
-        "report.html"
-    ]
+        "report.html"]
     new = tmp_path / "new" / "r.html"
     with pytest.raises(UserInputError):
         write_report([damaged], new)

@@ -61,3 +61,4 @@ def test_report_renders_in_chromium(browser, variants, tmp_path):  # noqa: F811
     print(f"screenshot: {shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     assert browser.console == [], browser.console
+
