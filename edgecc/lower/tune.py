@@ -53,8 +53,9 @@ Two traps of TVM 0.27 handled here:
   with ``query_tuning_record`` and replayed on the kernel itself here.
 
 Limits: CPU targets only. Without a ``runner``, candidates are timed on this host, so only
-targets of its architecture can be tuned (an RPC runner times them on boards; applying records
-works for any CPU target). Tuning replaces the rules of a kernel only; layout choices (the
+targets of its architecture can be tuned (an RPC runner times them on boards, and
+:mod:`edgecc.lower.tune_remote` builds them for the board; applying records works for any CPU
+target). Tuning replaces the rules of a kernel only; layout choices (the
 rules' channels-last rewrite, packed weights) are made before, as in an untuned build.
 """
 
@@ -152,9 +153,12 @@ def lower_tuned(
             Path(work), trials_per_task, explicit=work_dir is not None, seed=seed,
             builder=builder, runner=runner,
         )  # fmt: skip
-        return lower(
-            model, target, input_shapes, input_dtypes, Path(out_path), progress, tuning=tuning
-        )
+        from edgecc.lower.tune_remote import farm_errors
+
+        with farm_errors(runner):  # a farm's RPCError, not the RuntimeError TVM's FFI made of it
+            return lower(
+                model, target, input_shapes, input_dtypes, Path(out_path), progress, tuning=tuning
+            )
 
 
 def check_tunable(target: Target, tuning: Tuning) -> None:
@@ -172,8 +176,9 @@ def check_tunable(target: Target, tuning: Tuning) -> None:
         raise ToolchainError(f"tuning records apply to CPU targets only, not {target.name}")
     if tuning.trials > 0 and tuning.runner is None and target.arch != host_arch():
         raise ToolchainError(
-            f"tuning times candidates on this machine: {target.name} is not a "
-            f"{host_arch()} CPU target (time them on a board with --rpc-tracker/--rpc-key)"
+            f"cannot tune {target.name} here: {target.name} is not a {host_arch()} CPU target, "
+            f"so its candidates cannot be timed on this machine; time them on {target.arch} "
+            "boards with `edgecc tune --rpc-tracker HOST:PORT --rpc-key KEY`"
         )
     if tuning.trials < 0 or (isinstance(tuning.builder, str) and tuning.builder not in BUILDERS):
         raise ValueError(
@@ -228,7 +233,13 @@ def records_pass(tuning: Tuning, target: Target, rules: list, coverage: Any, say
             "trials_per_kernel": tuning.trials,
         }
         if tuning.trials > 0:
-            with meta_schedule_logging():
+            from edgecc.lower import tune_remote
+
+            tuning.builder = tune_remote.candidate_builder(
+                target, tuning.builder, register, tuning.runner
+            )
+            with meta_schedule_logging(), tune_remote.farm_errors(tuning.runner):
+                tune_remote.check_boards_fit(target, tuning.runner)
                 facts.update(_tune(kernels, database, tvm_target, rules, tuning, register, say))
         applied, failed = {}, []
         for name, (gvar, func) in kernels.items():
@@ -328,8 +339,8 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
         try:
             _tune_one(ms, context, wanted, builder, runner, database, bar, work)
         except Exception as err:  # noqa: BLE001  (a kernel's failure leaves the others' records)
-            if interrupt.received() is not None:
-                raise
+            if interrupt.received() is not None or getattr(runner, "stopped", None) is not None:
+                raise  # Ctrl-C, or a farm that stopped the tuning (tune_remote.farm_errors)
             log.warning("tuning %s failed, its rule stays: %s", name, str(err).strip()[:300])
         finally:
             bar.close()
@@ -708,18 +719,21 @@ def _with_design_space(contexts: list, weights: list) -> tuple[list, list[str]]:
     return usable, failed
 
 
-def _builder(kind: Any, register: Callable[[], None]):
+def _builder(kind: Any, register: Callable[[], None], export: Callable[[Any], str] | None = None):
     """MetaSchedule's builder of candidates: ``inprocess`` (serial, here), ``local`` (a pool of
     worker processes, which MetaSchedule restarts for every batch: ~4 s of imports each time), or
-    a ``Builder`` given by the caller."""
+    a ``Builder`` given by the caller. ``export`` replaces MetaSchedule's tar export (a shared
+    library for a board: :func:`edgecc.lower.tune_remote.so_export`)."""
     from tvm.s_tir import meta_schedule as ms
 
     if not isinstance(kind, str):
         return kind
     if kind == "local":
-        return ms.builder.LocalBuilder(initializer=register)
+        return ms.builder.LocalBuilder(initializer=register, f_export=export)
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    export_candidate = export or default_export
 
     @derived_object
     class InProcessBuilder(ms.builder.PyBuilder):
@@ -727,7 +741,7 @@ def _builder(kind: Any, register: Callable[[], None]):
             results = []
             for item in build_inputs:
                 try:
-                    path = default_export(default_build(item.mod, item.target, None))
+                    path = export_candidate(default_build(item.mod, item.target, None))
                     results.append(ms.builder.BuilderResult(path, None))
                 except Exception as err:  # noqa: BLE001  (a failed candidate, not a failure)
                     results.append(ms.builder.BuilderResult(None, str(err)))

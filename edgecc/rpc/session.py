@@ -6,8 +6,12 @@ the board and loaded there, the inputs are copied over the connection into the b
 (``VirtualMachine.set_input``), ``main`` runs on the board and the outputs are copied back.
 Timing uses the VM's ``time_evaluator`` on the board (one call of ``main`` per sample, device
 synchronised), so the connection's latency is not counted. The session is asked to end after
-``timeout`` seconds (the server kills it then), and the call gives up waiting for a silent board
-after that plus a margin, so a hung board costs one error line, not a hung command.
+``timeout`` seconds (the server kills it then; ``$EDGECC_RPC_TIMEOUT``, default 300 s), and the
+call gives up waiting for a silent board after that plus a margin, so a hung board costs one
+error line, not a hung command. A board that froze without closing its sockets (still
+registered with the tracker, its kernel still accepting connections) never answers TVM's
+handshake, which has no timeout of its own: the handshake runs in a thread given at most
+``min(timeout, 60 s)``.
 
 Checks against the reference run on this machine, as for local runs (:meth:`Package.check`).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,25 +34,42 @@ from edgecc.rpc.farm import RPCError, as_rpc_error, check_boards, parse_address
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 300.0  # seconds one run/bench session may last on the board
-MARGIN = 30.0  # extra seconds to wait for a board that stopped answering
+TIMEOUT_ENV = "EDGECC_RPC_TIMEOUT"  # overrides DEFAULT_TIMEOUT for run/bench (seconds)
+MARGIN = 30.0  # at most this many extra seconds to wait for a board that stopped answering
+ANSWER_TIMEOUT = 60.0  # at most this many seconds for a board to open a session
+NO_ANSWER = "no answer from board"  # how a session that a board never opened is reported
+NOT_FREE = "no board of key"  # ... and a wait for a free board that timed out
 BOARD_INFO = "edgecc.rpc.board_info"  # registered by edgecc's server (edgecc/runtime/rpc_server)
 
-__all__ = ["DEFAULT_TIMEOUT", "bench_package", "run_package", "run_remote", "session_requester"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "bench_package",
+    "probe_board",
+    "run_package",
+    "run_remote",
+    "session_requester",
+]
 
 
-def session_requester(wait: float) -> Callable[..., tuple[Any, str]]:
+def session_requester(wait: float, answer: float | None = None) -> Callable[..., tuple[Any, str]]:
     """A function ``(tracker_host, tracker_port, key, session_timeout, priority=1)`` that asks
     the tracker for a free board of ``key`` and returns ``(RPCSession, "host:port")``.
 
-    It waits at most ``wait`` seconds for a free board (TVM's own request waits for ever) and
-    raises ``RuntimeError`` with one readable line on any failure. Self-contained (it imports
-    only the standard library and tvm) because MetaSchedule's runner sends it by value to its
-    worker processes.
+    It waits at most ``wait`` seconds for a free board (TVM's own request waits for ever) and at
+    most ``answer`` seconds (default ``wait``) for the board to open the session: a board that
+    froze without closing its sockets (still registered, its listening socket still accepting)
+    would block TVM's handshake for ever. It raises ``RuntimeError`` with one readable line on any
+    failure (:data:`NO_ANSWER`, :data:`NOT_FREE` begin those two). Self-contained (it imports only
+    the standard library and tvm) because MetaSchedule's runner sends it by value to its worker
+    processes.
     """
+    answer_s = wait if answer is None else answer
+    silent, busy = NO_ANSWER, NOT_FREE
 
     def request(host: str, port: int, key: str, session_timeout: float, priority: int = 1):
         import socket
         import struct
+        import threading
 
         from tvm import rpc
         from tvm.rpc import base
@@ -61,7 +83,7 @@ def session_requester(wait: float) -> Callable[..., tuple[Any, str]]:
                 base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
                 reply = base.recvjson(sock)  # blocks until a board of the key is free
         except TimeoutError:
-            raise RuntimeError(f"no board of key {key!r} became free within {wait:g} s") from None
+            raise RuntimeError(f"{busy} {key!r} became free within {wait:g} s") from None
         except OSError as err:
             raise RuntimeError(
                 f"RPC tracker {host}:{port} is not reachable ({err.strerror or err})"
@@ -70,11 +92,26 @@ def session_requester(wait: float) -> Callable[..., tuple[Any, str]]:
             raise RuntimeError(f"RPC tracker {host}:{port} refused the request: {reply!r}")
         url, board_port, matchkey = reply[1]
         where = f"{url}:{board_port}"
-        try:
-            return rpc.connect(url, board_port, matchkey, session_timeout), where
-        except Exception as err:  # noqa: BLE001  (TVM raises several kinds; one line out)
-            lines = str(err).strip().splitlines() or [type(err).__name__]
+        box: dict[str, Any] = {}
+
+        def connect() -> None:  # TVM's handshake has no timeout: bounded by a thread's join
+            try:
+                box["session"] = rpc.connect(url, board_port, matchkey, session_timeout)
+            except Exception as err:  # noqa: BLE001  (TVM raises several kinds; one line out)
+                box["error"] = err
+
+        thread = threading.Thread(target=connect, name="edgecc-rpc-connect", daemon=True)
+        thread.start()
+        thread.join(answer_s)
+        if thread.is_alive():  # the abandoned thread ends with the process (or the board)
+            raise RuntimeError(
+                f"{silent} {where} (key {key}) within {answer_s:g} s: it froze or its "
+                "network is down"
+            )
+        if "error" in box:
+            lines = str(box["error"]).strip().splitlines() or [type(box["error"]).__name__]
             raise RuntimeError(f"board {where} refused the session: {lines[-1]}") from None
+        return box.pop("session"), where
 
     return request
 
@@ -93,7 +130,7 @@ def _bounded(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
-        raise RPCError(f"{what}: no answer from the board within {seconds:g} s")
+        raise RPCError(f"{what}: no answer within {seconds:g} s (the board froze?)")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -165,7 +202,7 @@ def run_remote(
     key: str,
     repeat: int | None = None,
     warmup: int = 0,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run ``library`` once on a board of ``key`` (and time it when ``repeat`` is given).
 
@@ -177,7 +214,9 @@ def run_remote(
         key: the boards' key (``rpi4``).
         repeat: timed runs after ``warmup`` untimed ones; None: no timing.
         warmup: untimed runs before the timed ones.
-        timeout: seconds the session may last on the board.
+        timeout: seconds the session may last on the board, also the longest wait for a free
+            board (and, up to :data:`ANSWER_TIMEOUT`, for the board to answer); None:
+            :func:`default_timeout`.
 
     Returns:
         ``outputs`` (arrays in the model's order), ``board`` (``host:port``), ``info`` (what
@@ -186,31 +225,93 @@ def run_remote(
 
     Raises:
         RPCError: the tracker is down, no board serves ``key``, no board was free within
-            ``timeout`` s, or the board failed (the message ends with the board's error line).
+            ``timeout`` s, the board did not answer (a board that froze), or the board failed
+            (the message ends with the board's error line).
     """
+    timeout = default_timeout() if timeout is None else timeout
     address = parse_address(tracker)
     check_boards(address, key)
-    request = session_requester(wait=timeout)
+    request = session_requester(wait=timeout, answer=answer_timeout(timeout))
+    try:  # bounded by itself: the wait for a free board and for the board's answer
+        sess, where = request(address[0], address[1], key, timeout)
+    except RuntimeError as err:
+        raise RPCError(str(err)) from None
+    log.info("key %s: board %s", key, where)
+    held = [sess]
+    del sess
 
     def work() -> dict[str, Any]:
-        try:
-            sess, where = request(address[0], address[1], key, timeout)
-        except RuntimeError as err:
-            raise RPCError(str(err)) from None
-        log.info("key %s: board %s", key, where)
+        session = held.pop()
         error: EdgeccError | None = None
         try:
-            return _on_board(sess, where, library, device, inputs, repeat, warmup)
+            return _on_board(session, where, library, device, inputs, repeat, warmup)
         except Exception as err:  # noqa: BLE001  (TVM's errors become one RPCError line)
             error = as_rpc_error(err, f"running {library.name} on board {where} ({key})")
         finally:
             # The connection closes when the last object of the session goes: until then the
             # board stays busy (the next request would wait for its session timeout).
-            del sess
+            del session
             gc.collect()
         raise error
 
-    return _bounded(work, timeout + MARGIN, f"running {library.name} on a {key} board")
+    # the board kills the session after `timeout`; a board that froze mid-session never does
+    limit = timeout + margin(timeout)
+    return _bounded(work, limit, f"running {library.name} on board {where} ({key})")
+
+
+def default_timeout() -> float:
+    """Seconds a run/bench session may last on a board: ``$EDGECC_RPC_TIMEOUT``, else
+    :data:`DEFAULT_TIMEOUT`.
+
+    Raises:
+        UserInputError: the variable is not a positive number.
+    """
+    from edgecc.errors import UserInputError
+
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UserInputError(f"{TIMEOUT_ENV}={text!r}: expected seconds > 0, e.g. 60")
+    return value
+
+
+def answer_timeout(timeout: float) -> float:
+    """Seconds a board may take to open a session (TVM's handshake): ``timeout``, at most
+    :data:`ANSWER_TIMEOUT` (a board that answers at all answers in well under a second)."""
+    return min(timeout, ANSWER_TIMEOUT)
+
+
+def margin(timeout: float) -> float:
+    """Extra seconds, beyond a session's ``timeout``, before a silent board is given up:
+    ``timeout`` itself, at most :data:`MARGIN`."""
+    return min(MARGIN, timeout)
+
+
+def probe_board(tracker: str | tuple[str, int], key: str, timeout: float) -> tuple[str, dict]:
+    """Open a session on a free board of ``key`` only to ask what it is: ``(board, info)``,
+    ``info`` as edgecc's server reports it (``machine``, ``threads``, ``emulated``...; empty for
+    a plain TVM server). The wait for a free board and for its answer are bounded by
+    ``timeout``.
+
+    Raises:
+        RPCError: the tracker is down, no board serves ``key`` or none answered.
+    """
+    address = tracker if isinstance(tracker, tuple) else parse_address(tracker)
+    request = session_requester(wait=timeout, answer=answer_timeout(timeout))
+    try:
+        sess, where = request(address[0], address[1], key, timeout)
+    except RuntimeError as err:
+        raise RPCError(str(err)) from None
+    try:
+        return where, _board_info(sess)
+    finally:
+        del sess  # the board is free again once the session object is gone
+        gc.collect()
 
 
 def _check_options(tracker: str | None, key: str | None, threads: int | None) -> None:
@@ -232,7 +333,7 @@ def run_package(
     feeds: dict[str, np.ndarray],
     tracker: str,
     key: str,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     facts: dict[str, Any] | None = None,
     threads: int | None = None,
 ) -> dict[str, np.ndarray]:
@@ -265,7 +366,7 @@ def bench_package(
     key: str,
     repeat: int = 50,
     warmup: int = 5,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Time a package's library on a board on its probe input (``threads``: as for

@@ -15,8 +15,10 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,3 +147,41 @@ def matmul_relu() -> helper.ModelProto:
         [helper.make_tensor("w", TensorProto.FLOAT, [16, 8], w.ravel())],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class FrozenBoard:
+    """A board that froze without closing its sockets: registered with the tracker under
+    ``key`` as TVM's RPC server registers (``UPDATE_INFO``, then ``PUT``), it accepts the
+    connections clients open but never reads or answers them (like a SIGSTOPped server, whose
+    kernel still accepts into the listening backlog). A thread in the test process; ``close``
+    drops its tracker connection (the tracker forgets it) and its sockets."""
+
+    def __init__(self, address: tuple[str, int], key: str):
+        from tvm.rpc import base
+
+        self.listener = socket.socket()
+        self.listener.bind((LOCAL, 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.tracker = socket.create_connection(address, timeout=10)
+        self.tracker.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        assert struct.unpack("<i", base.recvall(self.tracker, 4))[0] == base.RPC_TRACKER_MAGIC
+        info = {"key": f"server:{key}", "addr": [LOCAL, self.port]}
+        for request in (
+            [base.TrackerCode.UPDATE_INFO, info],
+            [base.TrackerCode.PUT, key, [self.port, f"{key}:frozen"], LOCAL],
+        ):
+            base.sendjson(self.tracker, request)
+            assert base.recvjson(self.tracker) == base.TrackerCode.SUCCESS
+        threading.Thread(target=self._accept, name="frozen-board", daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                self.accepted.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        for sock in (*self.accepted, self.listener, self.tracker):
+            with contextlib.suppress(OSError):
+                sock.close()
