@@ -14,7 +14,6 @@ under KEY (``edgecc.rpc.make_runner``).
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,6 @@ SHARED_OPTIONS = (
     "seed",
 )
 RPC_TIMEOUT_SECONDS = 60.0
-
-
-def _rpc_errors(runner: Any) -> Any:
-    """Turn a farm that stopped the run (tracker down, no board left) back into its one-line
-    RPC error (MetaSchedule re-raises it as a plain RuntimeError)."""
-    if runner is None:
-        return contextlib.nullcontext()
-    from edgecc.rpc import runner_errors
-
-    return runner_errors(runner)
 
 
 def rpc_runner(tracker: str | None, key: str | None, timeout: float = RPC_TIMEOUT_SECONDS) -> Any:
@@ -126,7 +115,7 @@ def tune_cmd(
     from edgecc.api import compile as compile_model
 
     runner = rpc_runner(rpc_tracker, rpc_key, rpc_timeout)
-    with tempfile.TemporaryDirectory(prefix="edgecc-tune-") as scratch, _rpc_errors(runner):
+    with tempfile.TemporaryDirectory(prefix="edgecc-tune-") as scratch:
         pkg = compile_model(
             options["model"],
             options["target"],

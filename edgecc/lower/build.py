@@ -126,7 +126,10 @@ def lower(
     int8_kernel_calls: list[str] = []
     dynamic = int8_dynamic.DynamicInt8Report.of(model)
     say(f"running the {tvm_target.kind.name} Relax pipeline")
-    with tvm_target:
+    from edgecc.rpc import runner_errors
+
+    # a board farm that stopped the tuning: its one-line RPCError, not TVM's RuntimeError of it
+    with tvm_target, runner_errors(getattr(tuning, "runner", None)):
         mod = _pipeline(
             tvm_target,
             target,

@@ -153,12 +153,9 @@ def lower_tuned(
             Path(work), trials_per_task, explicit=work_dir is not None, seed=seed,
             builder=builder, runner=runner,
         )  # fmt: skip
-        from edgecc.lower.tune_remote import farm_errors
-
-        with farm_errors(runner):  # a farm's RPCError, not the RuntimeError TVM's FFI made of it
-            return lower(
-                model, target, input_shapes, input_dtypes, Path(out_path), progress, tuning=tuning
-            )
+        return lower(
+            model, target, input_shapes, input_dtypes, Path(out_path), progress, tuning=tuning
+        )
 
 
 def check_tunable(target: Target, tuning: Tuning) -> None:
@@ -234,11 +231,12 @@ def records_pass(tuning: Tuning, target: Target, rules: list, coverage: Any, say
         }
         if tuning.trials > 0:
             from edgecc.lower import tune_remote
+            from edgecc.rpc import runner_errors
 
             tuning.builder = tune_remote.candidate_builder(
                 target, tuning.builder, register, tuning.runner
             )
-            with meta_schedule_logging(), tune_remote.farm_errors(tuning.runner):
+            with meta_schedule_logging(), runner_errors(tuning.runner):
                 tune_remote.check_boards_fit(target, tuning.runner)
                 facts.update(_tune(kernels, database, tvm_target, rules, tuning, register, say))
         applied, failed = {}, []
@@ -340,7 +338,7 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
             _tune_one(ms, context, wanted, builder, runner, database, bar, work)
         except Exception as err:  # noqa: BLE001  (a kernel's failure leaves the others' records)
             if interrupt.received() is not None or getattr(runner, "stopped", None) is not None:
-                raise  # Ctrl-C, or a farm that stopped the tuning (tune_remote.farm_errors)
+                raise  # Ctrl-C, or a farm that stopped the tuning (edgecc.rpc.runner_errors)
             log.warning("tuning %s failed, its rule stays: %s", name, str(err).strip()[:300])
         finally:
             bar.close()

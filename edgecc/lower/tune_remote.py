@@ -18,16 +18,16 @@ the board:
 * **Boards of the target's architecture** (:func:`check_boards_fit`): one board of the key
   is asked what it is before tuning; an x86 board for an rpi4 tuning fails in one line
   instead of failing every candidate.
-* **Farm faults** (:func:`farm_errors`). A runner that stopped the tuning (the tracker went down,
-  no board left under the key, or every candidate of a batch was lost to boards that do not
-  answer: :class:`edgecc.rpc.runner.FarmRunner`) ends the record pass with its one-line
-  :class:`edgecc.rpc.RPCError` (exit 2), whether MetaSchedule's C++ loop turned it into a
-  ``RuntimeError`` or the loop finished with the runner stopped. The records measured before
-  stay in the database: MetaSchedule commits each batch as it completes (one JSON line per
-  record), and a lost candidate is committed without run time, never chosen as a best record.
-  The record pass runs inside TVM's pass infrastructure, whose FFI turns any Python exception
-  into a ``RuntimeError`` with its message: callers get the RPCError back from the runner's
-  ``stopped`` with :func:`edgecc.rpc.runner_errors` (``edgecc tune`` does).
+* **Farm faults** (:func:`edgecc.rpc.runner_errors`). A runner that stopped the tuning (the
+  tracker went down, no board left under the key, or every candidate of a batch was lost to
+  boards that do not answer: :class:`edgecc.rpc.runner.FarmRunner`) ends the record pass with
+  its one-line :class:`edgecc.rpc.RPCError` (exit 2), whether MetaSchedule's C++ loop turned it
+  into a ``RuntimeError`` or the loop finished with the runner stopped. The records measured
+  before stay in the database: MetaSchedule commits each batch as it completes (one JSON line
+  per record), and a lost candidate is committed without run time, never chosen as a best
+  record. The record pass runs inside TVM's pass infrastructure, whose FFI turns any Python
+  exception into a ``RuntimeError`` with its message: :func:`edgecc.lower.lower` gets the
+  RPCError back from the runner's ``stopped`` around the pipeline, so every caller sees it.
 
 Limits: the board's times are what the records keep, so records tuned on one board model apply
 to builds for the same target; the board needs the TVM runtime's random fill
@@ -36,9 +36,8 @@ to builds for the same target; the board needs the TVM runtime's random fill
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from edgecc.targets import Target
@@ -51,7 +50,6 @@ __all__ = [
     "ARTIFACT",
     "candidate_builder",
     "check_boards_fit",
-    "farm_errors",
     "needs_shared_library",
     "so_export",
 ]
@@ -122,20 +120,3 @@ def check_boards_fit(target: Target, runner: Any) -> None:
     check = getattr(runner, "check_machine", None)
     if check is not None:
         check(target.arch, target.name)
-
-
-@contextlib.contextmanager
-def farm_errors(runner: Any) -> Iterator[None]:
-    """Around the tuning: raise the :class:`edgecc.rpc.RPCError` of a ``runner`` that stopped
-    it (instead of the ``RuntimeError`` MetaSchedule made of it, or after a loop that went on
-    without measuring); any other runner or error passes through unchanged."""
-    try:
-        yield
-    except Exception as err:
-        stopped = getattr(runner, "stopped", None)
-        if stopped is not None and stopped is not err:
-            raise stopped from err
-        raise
-    stopped = getattr(runner, "stopped", None)
-    if stopped is not None:
-        raise stopped

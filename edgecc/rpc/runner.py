@@ -104,15 +104,20 @@ def make_runner(
 @contextlib.contextmanager
 def runner_errors(runner: Any) -> Iterator[None]:
     """Around a tuning run with ``runner``: when it stopped the run (tracker down, no board
-    left), raise its :class:`RPCError` (exit 2, one line) instead of the ``RuntimeError``
-    MetaSchedule turned it into. Any other runner passes through unchanged."""
+    left, every candidate of a batch lost, boards of another architecture), raise its
+    :class:`RPCError` (exit 2, one line) instead of the ``RuntimeError`` MetaSchedule or TVM's
+    FFI made of it, and also when the run finished without raising but the runner had stopped.
+    Any other runner (None, ``LocalRunner``) and any other error pass through unchanged."""
     try:
         yield
     except Exception as err:
         stopped = getattr(runner, "stopped", None)
-        if isinstance(stopped, RPCError):
+        if isinstance(stopped, RPCError) and stopped is not err:
             raise stopped from err
         raise
+    stopped = getattr(runner, "stopped", None)
+    if isinstance(stopped, RPCError):
+        raise stopped
 
 
 _CLASS: Any = None

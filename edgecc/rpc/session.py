@@ -231,11 +231,7 @@ def run_remote(
     timeout = default_timeout() if timeout is None else timeout
     address = parse_address(tracker)
     check_boards(address, key)
-    request = session_requester(wait=timeout, answer=answer_timeout(timeout))
-    try:  # bounded by itself: the wait for a free board and for the board's answer
-        sess, where = request(address[0], address[1], key, timeout)
-    except RuntimeError as err:
-        raise RPCError(str(err)) from None
+    sess, where = _open_session(address, key, timeout)
     log.info("key %s: board %s", key, where)
     held = [sess]
     del sess
@@ -257,6 +253,20 @@ def run_remote(
     # the board kills the session after `timeout`; a board that froze mid-session never does
     limit = timeout + margin(timeout)
     return _bounded(work, limit, f"running {library.name} on board {where} ({key})")
+
+
+def _open_session(address: tuple[str, int], key: str, timeout: float) -> tuple[Any, str]:
+    """A session on a free board of ``key``: ``(RPCSession, "host:port")``, the wait for a free
+    board bounded by ``timeout`` and for its answer by :func:`answer_timeout`.
+
+    Raises:
+        RPCError: the tracker is down, no board was free, or the board did not answer.
+    """
+    request = session_requester(wait=timeout, answer=answer_timeout(timeout))
+    try:
+        return request(address[0], address[1], key, timeout)
+    except RuntimeError as err:
+        raise RPCError(str(err)) from None
 
 
 def default_timeout() -> float:
@@ -302,11 +312,7 @@ def probe_board(tracker: str | tuple[str, int], key: str, timeout: float) -> tup
         RPCError: the tracker is down, no board serves ``key`` or none answered.
     """
     address = tracker if isinstance(tracker, tuple) else parse_address(tracker)
-    request = session_requester(wait=timeout, answer=answer_timeout(timeout))
-    try:
-        sess, where = request(address[0], address[1], key, timeout)
-    except RuntimeError as err:
-        raise RPCError(str(err)) from None
+    sess, where = _open_session(address, key, timeout)
     try:
         return where, _board_info(sess)
     finally:

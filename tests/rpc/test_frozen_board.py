@@ -122,12 +122,11 @@ def test_run_and_bench_on_a_frozen_board_give_one_line(capsys, monkeypatch, farm
 def test_a_batch_lost_to_frozen_boards_stops_the_tuning():
     """FarmRunner's rule (no board needed): a batch whose every candidate was lost to a board
     (no answer, never free, killed at the pool timeout) stops the tuning with one RPCError line
-    (tune_remote.farm_errors raises it even when MetaSchedule's loop went on); a batch with
+    (edgecc.rpc.runner_errors raises it even when MetaSchedule's loop went on); a batch with
     one measured candidate, or with a candidate's own failure, does not."""
     from types import SimpleNamespace
 
-    from edgecc.lower.tune_remote import farm_errors
-    from edgecc.rpc import RPCError
+    from edgecc.rpc import RPCError, runner_errors
     from edgecc.rpc.runner import _Batch
 
     runner = SimpleNamespace(stopped=None, board_key="rpi4")
@@ -138,13 +137,13 @@ def test_a_batch_lost_to_frozen_boards_stops_the_tuning():
     batch = _Batch(runner, 1)
     batch.report("RPCRunner: An exception occurred\nRuntimeError: segfault")  # its own failure
     assert runner.stopped is None
-    with pytest.raises(RPCError) as caught, farm_errors(runner):  # the loop went on
+    with pytest.raises(RPCError) as caught, runner_errors(runner):  # the loop went on
         batch = _Batch(runner, 2)
         batch.report(lost + "1.2.3.4:9090 (key rpi4) within 2 s: it froze")
         batch.report("RPCRunner: Timeout, killed after 14.0 seconds")
     text = str(caught.value)
     assert "\n" not in text and text.startswith("tuning stopped: no board of key 'rpi4'")
     assert text.endswith("RPCRunner: Timeout, killed after 14.0 seconds")
-    with pytest.raises(RPCError) as again, farm_errors(runner):
+    with pytest.raises(RPCError) as again, runner_errors(runner):
         raise RuntimeError("MetaSchedule's loop re-raised the runner's error")
     assert again.value is runner.stopped
