@@ -48,6 +48,11 @@ types to leave alone; ``only`` names the nodes to quantize, all others staying f
 is not quantized keeps its float copy for that reader (``info["float_weights_kept"]``). The
 model needs ONNX opset >= 13 (per-axis DQ).
 
+``gather=True`` (the default) also stores constant Gather tables (embeddings) as int8, one
+scale per row, read through a per-axis DequantizeLinear (:mod:`edgecc.passes.gather_tables`): the
+Gather output stays float, so the rest of the plan is unchanged; a compiled library keeps the
+table in int8 and dequantizes only the gathered rows. ``gather=False`` keeps the tables float.
+
 The result is standard QDQ ONNX: ONNX Runtime runs it as is, and at its default optimisation
 level fuses the groups into QLinearConv / QGemm / QLinearMatMul / MatMulIntegerToFloat.
 """
@@ -65,6 +70,7 @@ from onnx import TensorProto
 
 from edgecc.errors import UserInputError
 from edgecc.passes.calibration import METHODS, calibrated_range, make_observer, observe
+from edgecc.passes.gather_tables import quantize_tables
 from edgecc.passes.graph import (
     GraphIndex,
     attr,
@@ -367,6 +373,8 @@ class InsertQDQ:
         outputs: op types whose outputs are quantized too (after a Relu/Clip), for fusion; True
             for all of Conv/Gemm/MatMul, False for none.
         bins: histogram bins of the percentile/entropy observers (a power of two).
+        gather: also store constant Gather tables (embeddings) as int8 with one scale per row
+            (:mod:`edgecc.passes.gather_tables`; the Gather output stays float); on by default.
     """
 
     name = "qdq"
@@ -380,6 +388,7 @@ class InsertQDQ:
         outputs: bool | str | Sequence[str] = ("Conv",),
         bins: int = 2048,
         only: str | Sequence[str] | None = None,
+        gather: bool = True,
     ):
         if method not in METHODS:
             raise UserInputError(f"qdq: unknown method {method!r}; choose {', '.join(METHODS)}")
@@ -399,6 +408,7 @@ class InsertQDQ:
             )
         self.keep_float, self.bins = as_list(keep_float), bins
         self.only = None if only is None else as_list(only)
+        self.gather = bool(gather)
 
     def _kept(self, model: onnx.ModelProto) -> list[str]:
         """``keep_float`` plus, with ``only``, every quantizable node not named there."""
@@ -515,6 +525,7 @@ class InsertQDQ:
                     float_bias.append(node.name)
                 else:
                     node.input[b_slot] = bias_dq
+        tables = quantize_tables(model, weights, keep_float) if self.gather else {}
         dq_of, qdq_nodes = {}, []
         dtype = ACTIVATION_TYPES[act]
         for t in plan.tensors:
@@ -535,4 +546,5 @@ class InsertQDQ:
             "weights_quantized": len(weights.weights),
             "float_bias": float_bias,
             "float_weights_kept": sorted(weights.weights & still),
+            **tables,
         }

@@ -3,7 +3,8 @@
 One rewrite per module, each with its maths and limits in its docstring:
 
 * :mod:`.commute` moves order-preserving ops (max pooling, concat of equal scales, nearest
-  resize) and ``quantize(dequantize(q))`` of equal parameters onto the int8 tensors;
+  resize, lookups in int8 tables) and ``quantize(dequantize(q))`` of equal parameters onto the
+  int8 tensors;
 * :mod:`.anchors` turns ``conv2d`` / ``conv2d_transpose`` / ``matmul`` on dequantized int8
   operands into integer ops with int32 accumulation and a float requantize epilogue;
 * :mod:`.qparams` holds the matching helpers both use (reusable by other integer rewrites).
@@ -26,4 +27,4 @@ def integer_lowering_passes(log_to: Int8Log | None = None) -> list[Any]:
     the channels-last layout pass, which would turn per-tensor Q/DQ into plain arithmetic)."""
     from edgecc.lower.int8.commute import commute_pass
 
-    return [commute_pass(), integer_anchors_pass(log_to)]
+    return [commute_pass(log_to), integer_anchors_pass(log_to)]

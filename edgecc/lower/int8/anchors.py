@@ -24,6 +24,20 @@ previous rewritten layer: chains stay int8 between kernels), ``sx, zx`` per-tens
 * The output ``quantize(y, sy, zy)`` stays the ONNX one: ``saturate(round_half_even(y / sy) +
   zy)``, which TVM legalizes exactly (``round`` is ``nearbyint``, half to even).
 
+Both operands activations (attention's ``Q K^T`` and ``P V``, batched ``[B, H, S, D]``: MatMul
+with a per-tensor ``dequantize(quantize(x))`` on each side, neither constant)::
+
+    acc = matmul(aq, bq, out_dtype="int32")                                  [..., M, N]
+    acc' = acc - zb * sum_k aq[.., m, k] - za * sum_k bq[.., k, n] + K za zb   (terms with a zero
+                                                                             point 0 omitted)
+    y   = float32(acc') * float32(sa * sb)
+
+since ``sum_k (a - za)(b - zb) = sum ab - zb sum a - za sum b + K za zb``: the row sums of ``aq``
+and the column sums of ``bq`` are two small int32 reductions (their own kernels), the
+compensation and scale are elementwise and fuse into the matmul's write-back (with whatever float
+epilogue follows: the attention mask add). Exact in int32 while each term stays below 2^31 (``K
+<= 8256`` for uint8 x uint8); the output is float, as the ``qdq`` pass leaves MatMul outputs.
+
 Exactness against ONNX Runtime (optimisations off), which dequantizes both operands to float32
 and convolves in float32: ``acc`` is the exact integer ``sum (x - zx)(w - zw)`` (|acc| < 2^31:
 ``K * 255 * 128`` for K < 65793), ``y`` is one float rounding of the exact real value
@@ -39,7 +53,8 @@ through a per-tensor ``dequantize`` (a float activation: the weight-only / dynam
 this rewrite's), a non-constant weight, weight scales along a reduced axis, ``W - zw`` outside
 int8, ConvTranspose with groups or a nonzero activation zero point (its zero-point term depends
 on the output position), a matmul with the weight first or a weight of rank != 2, reductions
-long enough to overflow int32. Layouts: runs before the channels-last pass, on NCHW/OIHW as
+long enough to overflow int32, activation x activation matmuls with a 1-D operand or
+per-channel scales. Layouts: runs before the channels-last pass, on NCHW/OIHW as
 imported; the integer conv then converts to NHWC/HWIO like a float one.
 """
 
@@ -68,6 +83,8 @@ ANCHORS = {
     "relax.matmul": "matmul",
 }
 MAX_REDUCTION = 65792  # K * 255 * 128 < 2^31
+# activation x activation: the four terms of the compensation, each <= K * 255 * 255, stay < 2^31
+MAX_ACTIVATION_REDUCTION = 8256
 
 
 @dataclass
@@ -120,6 +137,21 @@ def _integer_bias(
     return integer.astype(np.int64)
 
 
+def activation_plan(call: Any, a: Any, b: Any) -> int | str:
+    """The reduction length ``K`` of ``matmul(dequantize(a), dequantize(b))`` with both operands
+    activations, or why it stays float."""
+    if not (a.per_tensor and b.per_tensor):
+        return "per-channel activation scales"
+    sa, sb = shape_of(a.q), shape_of(b.q)
+    if sa is None or sb is None or shape_of(call) is None:
+        return "dynamic shapes"
+    if len(sa) < 2 or len(sb) < 2:
+        return "a 1-D operand (matrix-vector products are not rewritten)"
+    if sa[-1] > MAX_ACTIVATION_REDUCTION:
+        return f"reduction of {sa[-1]} terms could overflow int32"
+    return sa[-1]
+
+
 def _uses(func: Any) -> dict[Any, int]:
     """How many times each variable is read in ``func`` (one walk)."""
     from tvm import relax
@@ -169,8 +201,16 @@ def integer_anchors_pass(log_to: Int8Log | None = None) -> Any:
         # -- conv / matmul ------------------------------------------------------------------
         def _anchor(self, call: Any, kind: str, var: Any) -> Any:
             data = dequantized(call.args[0], self.var2val)
-            if data is None and dequantized(call.args[1], self.var2val) is None:
+            other = dequantized(call.args[1], self.var2val)
+            if data is None and other is None:
                 return None  # not a quantized op at all
+            both = kind == "matmul" and data is not None and other is not None
+            if both and constant_value(other.q, self.var2val) is None:  # activation x activation
+                plan = activation_plan(call, data, other)
+                if isinstance(plan, str):
+                    self.record.decisions.append(Decision(kind, False, plan))
+                    return None
+                return self._activation_matmul(data, other, plan)
             plan = self._plan(call, kind, data)
             if isinstance(plan, str):
                 self.record.decisions.append(Decision(kind, False, plan))
@@ -195,6 +235,34 @@ def integer_anchors_pass(log_to: Int8Log | None = None) -> Any:
             anchor = _Anchor(acc, comp, scale, channel_shape, decision)
             self.anchors[var] = anchor
             return self._epilogue(anchor, -comp)
+
+        def _activation_matmul(self, a: Any, b: Any, k: int) -> Any:
+            """``sum_k (a - za)(b - zb)`` in int32, then one float multiply (module docstring)."""
+            za, zb = (int(d.zero_point.reshape(-1)[0]) for d in (a, b))
+            aq, bq = self.visit_expr(a.q), self.visit_expr(b.q)
+            acc = self.builder_.emit(relax.op.matmul(aq, bq, out_dtype="int32"))
+            if zb:  # zb * (row sums of a): [..., M, 1]
+                rows = relax.op.sum(relax.op.astype(aq, "int32"), axis=[-1], keepdims=True)
+                rows = self.builder_.emit(relax.op.multiply(rows, relax.const(zb, "int32")))
+                acc = self.builder_.emit(relax.op.subtract(acc, rows))
+            if za:  # za * (column sums of b): [..., 1, N]
+                cols = relax.op.sum(relax.op.astype(bq, "int32"), axis=[-2], keepdims=True)
+                cols = self.builder_.emit(relax.op.multiply(cols, relax.const(za, "int32")))
+                acc = self.builder_.emit(relax.op.subtract(acc, cols))
+            if za and zb:
+                acc = self.builder_.emit(relax.op.add(acc, relax.const(k * za * zb, "int32")))
+            scale = np.float32(a.scale.reshape(-1)[0]) * np.float32(b.scale.reshape(-1)[0])
+            points = f", zero points {za}/{zb} compensated by row/column sums" if za or zb else ""
+            self.record.decisions.append(
+                Decision(
+                    "matmul",
+                    True,
+                    f"{a.dtype} x {b.dtype} -> int32, activation x activation "
+                    f"{list(shape_of(a.q))} x {list(shape_of(b.q))}{points}",
+                )
+            )
+            real = self.builder_.emit(relax.op.astype(acc, "float32"))
+            return relax.op.multiply(real, relax.const(scale, "float32"))
 
         def _plan(self, call: Any, kind: str, data: Any) -> tuple[Any, int, tuple[int, ...]] | str:
             if data is None:

@@ -8,15 +8,25 @@ or copy values commute with it exactly (no rounding anywhere)::
     resize2d_nearest(d(q))       = d(resize2d_nearest(q))
     quantize(d(q), s, zp)        = q                          same s, zp and dtype
 
-so the pool / concat / resize run on int8 (a quarter of the memory traffic) and the next
+and a lookup (ONNX Gather, ``relax.take``) commutes with a dequantize whose parameters are per
+tensor or per row along the gathered axis (the ``gather=`` tables of ``qdq`` / ``dynamic-quant``)::
+
+    take(d(T_q, s, zp), idx, axis)  = (take(T_q, idx) - take(zp, idx)) * take(s, idx)
+
+(the gathered scale reshaped to broadcast over the row's other axes; the zero-point term is
+omitted when all zero points are 0). The integer difference is exact and the one float32 multiply
+is the one DequantizeLinear does, so the gathered rows equal ONNX Runtime's bit for bit; the
+library stores the int8 table and the per-row scales, and dequantizes only the rows it reads.
+
+so the pool / concat / resize / lookup run on int8 (a quarter of the memory traffic) and the next
 ``quantize`` sees ``d(...)`` again, which either cancels (same parameters) or stays a requantize
 (different ones; elementwise, fused into a neighbouring kernel). Ops that average (average
 pooling, linear resize, Add of two quantized tensors) stay in float on the dequantized values:
 exactly what ONNX Runtime's reference computes, with the dequantize only there.
 
-Limits: per-tensor parameters only (per-channel activations are not produced by ``qdq`` or
-``quantize_static``); the rewrite is local (one call at a time, post order), so it is linear in
-the size of the function.
+Limits: per-tensor parameters only, except the lookup's per-row ones (per-channel activations
+are not produced by ``qdq`` or ``quantize_static``); the rewrite is local (one call at a time,
+post order), so it is linear in the size of the function.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.lower.int8.qparams import Dequantized, dequantized, dtype_of, op_name
+from edgecc.lower.int8.anchors import Decision, Int8Log
+from edgecc.lower.int8.qparams import Dequantized, dequantized, dtype_of, op_name, shape_of
 
 SELECTING = ("relax.nn.max_pool2d", "relax.image.resize2d")
 
@@ -53,10 +64,13 @@ def _same(a: Dequantized, b: Dequantized) -> bool:
     )
 
 
-def commute_pass() -> Any:
-    """A module pass applying the rewrites of the module docstring."""
+def commute_pass(log_to: Int8Log | None = None) -> Any:
+    """A module pass applying the rewrites of the module docstring (lookups on int8 tables are
+    recorded in ``log_to`` as ``take`` decisions)."""
     import tvm
     from tvm import relax
+
+    record = log_to if log_to is not None else Int8Log()
 
     @relax.expr_functor.mutator
     class _Rewrite(relax.PyExprMutator):
@@ -82,6 +96,8 @@ def commute_pass() -> Any:
                     relax.Call(call.op, [relax.Tuple([f.q for f in fields])], call.attrs)
                 )
                 return self._dequantize(moved, call.args[0].fields[0], seen)
+            if name == "relax.take":
+                return self._take(call, seen)
             if name == "relax.quantize":
                 dq = dequantized(call.args[0], seen)
                 if dq is None or dtype_of(dq.q) != str(call.attrs.out_dtype):
@@ -98,6 +114,40 @@ def commute_pass() -> Any:
                 out = str(getattr(attrs, "out_dtype", "") or "")
                 return str(attrs.method) == "nearest_neighbor" and out in ("", "void")
             return True
+
+        def _take(self, call: Any, seen: _Bindings) -> Any:
+            dq = dequantized(call.args[0], seen)
+            if dq is None:
+                return call
+            shape, idx_shape = shape_of(dq.q), shape_of(call.args[1])
+            if not shape or idx_shape is None or call.attrs.axis is None:
+                record.decisions.append(Decision("take", False, "dynamic shapes"))
+                return call
+            axis, mode = int(call.attrs.axis) % len(shape), str(call.attrs.mode)
+            if not dq.per_tensor and dq.axis != axis:
+                why = f"scales along axis {dq.axis}, rows gathered along axis {axis}"
+                record.decisions.append(Decision("take", False, why))
+                return call
+            idx = call.args[1]
+            rows = self.builder_.emit(relax.op.take(dq.q, idx, axis, mode))
+            if dq.per_tensor:
+                scale, zp = relax.const(dq.scale), relax.const(dq.zero_point)
+            else:  # one scale (and zero point) per gathered row, broadcast over its elements
+                row_shape = (*idx_shape, *(1,) * (len(shape) - 1 - axis))
+                scale, zp = (
+                    self.builder_.emit(
+                        relax.op.reshape(relax.op.take(relax.const(v), idx, 0, mode), row_shape)
+                    )
+                    for v in (dq.scale, dq.zero_point)
+                )
+            centred = rows
+            if np.any(dq.zero_point):
+                centred = self.builder_.emit(relax.op.subtract(relax.op.astype(rows, "int32"), zp))
+            per = "one scale" if dq.per_tensor else "one scale per row"
+            detail = f"{dq.dtype} table {list(shape)} stored ({per}), gathered rows dequantized"
+            record.decisions.append(Decision("take", True, detail))
+            real = self.builder_.emit(relax.op.astype(centred, "float32"))
+            return relax.op.multiply(real, scale)
 
         def _dequantize(self, moved: Any, original: Any, seen: _Bindings) -> Any:
             dq_call = seen[original] if original in seen else original  # noqa: SIM401

@@ -1,7 +1,10 @@
 """Per-layer int8 execution: which quantized ONNX node runs as integers, in which kernel.
 
 A quantized node is a Conv / ConvTranspose / Gemm / MatMul with at least one input produced by
-``DequantizeLinear``. The Relax rewrite (:mod:`.anchors`) records one :class:`Decision` per
+``DequantizeLinear``; Gathers of int8 tables (embeddings, ``gather_tables``) are listed apart, as
+``tables``: they select int8 rows and dequantize them, no arithmetic to run as integers.
+
+The Relax rewrite (:mod:`.anchors`) records one :class:`Decision` per
 quantized conv/matmul in binding order, which is the ONNX node order the importer keeps; the
 decisions of each op kind are matched to the quantized nodes of that kind in order (a count
 mismatch, which would mean the importer split or merged nodes, leaves those nodes "unknown"
@@ -32,6 +35,28 @@ def quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         for n in model.graph.node
         if n.op_type in KIND and any(i in dq_outputs for i in n.input[:2])
     ]
+
+
+def table_gathers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Gather nodes reading their table through DequantizeLinear (``gather_tables``)."""
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in dq_outputs]
+
+
+def _tables(model: onnx.ModelProto, decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per int8-table Gather, matched in order to the lowering's ``take`` decisions
+    (``unknown`` when the counts differ: TVM's importer folded a Gather of constant indices)."""
+    nodes, takes = table_gathers(model), [d for d in decisions if d["op"] == "take"]
+    entries = []
+    for i, node in enumerate(nodes):
+        entry: dict[str, Any] = {"node": node.name or node.output[0], "op": "Gather"}
+        if len(takes) != len(nodes):
+            entry.update(execution="unknown", detail="the lowering's lookups do not match")
+        else:
+            entry["execution"] = "int8 table" if takes[i]["integer"] else "float"
+            entry["detail"] = takes[i]["detail"]
+        entries.append(entry)
+    return entries
 
 
 def integer_kernels(mod: Any) -> list[str]:
@@ -104,7 +129,9 @@ def int8_execution(
 
     Returns:
         ``{"summary": str, "layers": [{"node", "op", "execution", "kernel"?, "rule"?,
-        "detail"}]}``; ``execution`` is ``integer``, ``float`` or ``unknown``.
+        "detail"}], "tables"?: [{"node", "op", "execution", "detail"}]}``; a layer's
+        ``execution`` is ``integer``, ``float`` or ``unknown``; ``tables`` (Gathers of int8
+        tables, when there are any) say ``int8 table``, ``float`` or ``unknown``.
     """
     rules = (schedules or {}).get("kernels", {})
     by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -138,7 +165,15 @@ def int8_execution(
     )
     if integer < len(layers):
         summary += f"; {len(layers) - integer} fall back to float (see layers)"
-    return {"summary": summary, "layers": layers}
+    tables = _tables(model, decisions)
+    if not tables:
+        return {"summary": summary, "layers": layers}
+    stored = sum(t["execution"] == "int8 table" for t in tables)
+    summary += (
+        f"; {stored} of {len(tables)} Gather tables stored as int8, only the gathered rows "
+        "dequantized (see tables)"
+    )
+    return {"summary": summary, "layers": layers, "tables": tables}
 
 
 def compact_lines(execution: dict[str, Any] | str) -> list[str]:
@@ -151,4 +186,6 @@ def compact_lines(execution: dict[str, Any] | str) -> list[str]:
             f"{e['kernel']} [{e.get('rule', 'none')}]" if e.get("kernel") else e.get("detail", "")
         )
         lines.append(f"  {e['node']} ({e['op']}): {e['execution']}, {where}")
+    for e in execution.get("tables", []):
+        lines.append(f"  {e['node']} (Gather): {e['execution']}, {e['detail']}")
     return lines

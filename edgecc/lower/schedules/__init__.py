@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RULE_MODULES: tuple[str, ...] = (
     "int8_matmul",
     "int8_conv2d",
+    "int8_batch_matmul",
     "conv2d",
     "depthwise",
     "pooling",
