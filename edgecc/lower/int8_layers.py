@@ -43,7 +43,8 @@ class Layer:
         a_dtype: activation dtype, ``uint8`` or ``int8``.
         requant: fuse the requantize epilogue (else the output is the int32 accumulator).
         weight_fill: ``random``, or ``extreme`` (alternating -128 / 127: the values at which
-            ``vpmaddubsw``'s int16 pair sums would saturate with uint8 activations of 255).
+            ``vpmaddubsw``'s int16 pair sums would saturate with uint8 activations of 255), or
+            ``symmetric`` (random in [-127, 127], as ``qdq`` quantizes weights).
     """
 
     name: str
@@ -71,7 +72,8 @@ class Layer:
         if self.weight_fill == "extreme":
             return np.where(np.indices(shape).sum(0) % 2 == 0, -128, 127).astype(np.int8)
         rng = np.random.default_rng(zlib.crc32(self.name.encode()))
-        return rng.integers(-128, 128, shape).astype(np.int8)
+        low = -127 if self.weight_fill == "symmetric" else -128
+        return rng.integers(low, 128, shape).astype(np.int8)
 
     def bias(self) -> np.ndarray:
         """The int32 bias (``[out]``)."""

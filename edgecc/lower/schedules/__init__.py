@@ -172,6 +172,10 @@ def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
         # Mark kernel parameters bound to constants (weights) as ``layout_free_buffers``: rules
         # may re-lay them out (see post_schedule_passes).
         mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+        # The smallest constant int8 weight of each kernel (the NEON int8 intrinsics need it).
+        from edgecc.lower.schedules.int8_neon import weight_range_pass
+
+        mod = weight_range_pass()(mod)
         updated = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
