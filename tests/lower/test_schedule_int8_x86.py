@@ -159,7 +159,9 @@ def test_three_channel_convs_padded_to_four_take_the_dot_product_path(tmp_path: 
               weight_fill="7bit"),
         Layer("c3_full", "conv", (1, 3, 13, 13), 16, kernel=3),
     ]  # fmt: skip
-    path, summary, asm = build_module(layer_module(layers), get_target("x86-avx2"), tmp_path / "c.so")
+    path, summary, asm = build_module(
+        layer_module(layers), get_target("x86-avx2"), tmp_path / "c.so"
+    )
     assert summary["counts"].get("int8-conv2d") == 3
     assert len(re.findall(r"\bvpmaddubsw\b", asm)) >= 2
     rng = np.random.default_rng(9)
