@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgecc.lower.schedules import CpuRule, register_rule
+from edgecc.lower.schedules import CpuRule, int8_x86, register_rule
 from edgecc.lower.schedules import int8_intrinsics as intrin
 from edgecc.lower.schedules import int8_neon as neon
 from edgecc.lower.schedules.conv2d import (
@@ -81,6 +81,8 @@ class Int8Conv2d(CpuRule):
             return None
         depthwise = sch.get(conv).name_hint == "group_conv2d_nhwc" and shape.cg == 1
         chosen = neon.refine(intrin.pick(intrin.target_features(target), dtypes[0]), func)
+        weights = int8_x86.conv_weights(func, sch.get(conv))
+        chosen = int8_x86.prefer_ubsw(chosen, weights, 2, shape.cg)
         if (
             chosen is not None
             and not depthwise

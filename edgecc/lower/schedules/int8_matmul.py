@@ -28,7 +28,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from edgecc.lower.schedules import CpuRule, register_rule
+from edgecc.lower.schedules import CpuRule, int8_x86, register_rule
 from edgecc.lower.schedules import int8_intrinsics as intrin
 from edgecc.lower.schedules import int8_neon as neon
 from edgecc.lower.schedules.matmul import (
@@ -97,6 +97,8 @@ class Int8Matmul(CpuRule):
             return None
         kinds, m, n, batch = analysed
         k_extent = int(sch.get(main).iter_vars[kinds.index("K")].dom.extent)
+        weights, k_axis = int8_x86.matmul_weights(func, sch.get(main), kinds)
+        chosen = int8_x86.prefer_ubsw(chosen, weights, k_axis, k_extent)
         if n % chosen.lanes or k_extent % chosen.kp or "J" not in kinds:
             return None
         if not Matmul._inline_spatial(sch, main):
