@@ -690,6 +690,52 @@ def open_records(folder: Path):
     return ms.database.JSONDatabase(work_dir=str(folder), module_equality=MODULE_EQUALITY)
 
 
+def merge_records(sources: list[Path], dest: Path) -> int:
+    """Add the records of ``sources`` (record folders, e.g. tuned on several machines or in
+    separate runs) to the record folder ``dest`` (created); return the records ``dest`` then
+    holds.
+
+    Workloads are matched by anchor block as when tuning; a record whose workload and trace
+    are already in ``dest`` is kept once, with the faster time. The merged database is written
+    to a temporary folder beside ``dest`` and its files renamed over ``dest``'s, the workloads
+    first: the old records refer to the old workloads by line, and the merged workload table
+    starts with ``dest``'s own workloads in their order, so ``dest`` is valid at every moment.
+    """
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    found: dict[tuple[int, str], Any] = {}
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=dest.parent) as tmp:
+        merged = ms.database.JSONDatabase(work_dir=tmp, module_equality=MODULE_EQUALITY)
+        repair_records(dest)
+        for line in _read_lines(dest / WORKLOADS):  # dest's workloads first, in their order
+            merged.commit_workload(ms.database.Workload.from_json(json.loads(line)).mod)
+        for folder in [dest, *sources]:
+            for record in open_records(folder).get_all_tuning_records():
+                workload = merged.commit_workload(record.workload.mod)
+                key = (tvm_ffi.structural_hash(workload.mod), str(record.trace))
+                old = found.get(key)
+                if old is None or _faster(record, old[1]):
+                    found[key] = (workload, record)
+        for workload, record in found.values():
+            merged.commit_tuning_record(
+                ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info
+                )
+            )
+        for name in (WORKLOADS, RECORDS):
+            os.replace(Path(tmp) / name, dest / name)
+    return len(found)
+
+
+def _faster(record, other) -> bool:
+    """Whether ``record`` has a run time and ``other`` none or a longer one."""
+    mine, theirs = _mean(record.run_secs), _mean(other.run_secs)
+    return mine is not None and (theirs is None or mine < theirs)
+
+
 def repair_records(folder: Path) -> int:
     """Drop the lines of ``folder``'s record files TVM could not load; return how many.
 

@@ -259,3 +259,25 @@ def test_meta_schedule_logging_leaves_no_state_behind(tmp_path):
         for handler in top.handlers[:]:
             top.removeHandler(handler)
             handler.close()
+
+
+@pytest.mark.slow
+def test_merge_records_unions_two_folders_and_the_build_applies_them(tuned, tmp_path):
+    """Model B's records merged into a copy of model A's first tuning (and A's again: no
+    duplicates): the merged folder serves B's build with no measurement."""
+    from edgecc.lower.tune import merge_records
+
+    root, records, _, second, _ = tuned
+    merged = tmp_path / "merged"
+    shutil.copytree(records, merged, ignore=shutil.ignore_patterns("logs"))
+    total = len(open_records(records).get_all_tuning_records())
+    assert merge_records([records], merged) == total  # the same records again: none added
+    empty = tmp_path / "empty"
+    assert merge_records([merged], empty) == total
+    assert len((empty / RECORDS).read_text().splitlines()) == total
+    pkg = edgecc.compile(root / "b.onnx", "x86", out=tmp_path / "b", tuning_records=empty)
+    assert (
+        pkg.manifest["library"]["tuning"]["kernels_tuned"]
+        == (second.manifest["library"]["tuning"]["kernels_tuned"])
+    )
+    assert pkg.manifest["library"]["sha256"] == second.manifest["library"]["sha256"]
