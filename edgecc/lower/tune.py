@@ -13,16 +13,22 @@ tune first. The pass :func:`records_pass` runs where the rules run (after fusion
 2. **The rules are the baseline.** For a workload without records, the schedule edgecc's rules
    give the kernel (or, if no rule matches, TVM's default code) is built, timed by the runner and
    committed first, with its trace (a kernel whose rule schedule cannot be timed, e.g. a runner
-   timeout, is not tuned: it keeps its rule). The search then samples ``trials`` candidates from
-   MetaSchedule's own x86/ARM design space (``post-order-apply`` with the default LLVM rules:
-   multi-level tiling, parallel/vectorise/unroll), timed by the same runner
-   (``replay-trace``, no cost model). The best record of a workload is the fastest of the rule's
-   schedule and the candidates, so a tuned kernel is never slower than the rule's, up to timing
-   noise (the LocalRunner takes the mean of 3 runs of >= 100 ms each: differences of a few
-   percent between two measurements of one schedule are noise). Why this space and not the
-   rule's: the rules are deterministic (no sampled decisions), so a ``ScheduleFn`` of a rule
-   plus mutators would have nothing to mutate; MetaSchedule's space explores other tilings and
-   the rule's measured trace bounds the result from above.
+   timeout, is not tuned: it keeps its rule). The best record of a workload is the fastest of
+   the rule's schedule and the candidates, so a tuned kernel is never slower than the rule's, up
+   to timing noise (the LocalRunner takes the mean of 3 runs of >= 100 ms each: differences of a
+   few percent between two measurements of one schedule are noise).
+   **Rule variants first.** The first candidates (:func:`variant_share`: 12 of 16 trials, all of
+   2) are the rule's own schedule with other values of its knobs
+   (:mod:`edgecc.lower.schedules.variants`: micro-kernel register budget, vector width
+   multiple, matmul parallel granularity, conv loop order), in a deterministic order, schedules
+   equal to one already measured dropped: the rules' neighbours, each a complete schedule
+   with packed weights. Kernels whose rule has no knobs (elementwise, pooling, reductions) get
+   none. **Then evolutionary search** for the remaining trials: MetaSchedule's own design space
+   (``post-order-apply`` with the default LLVM rules: multi-level tiling,
+   parallel/vectorise/unroll), candidates ranked by an XGBoost cost model trained on the
+   kernel's measurements (``evolutionary``, population 128, 2 generations). The rules are
+   deterministic (no sampled decisions), so a ``ScheduleFn`` of a rule plus mutators would have
+   nothing to mutate: the variants enumerate its decisions instead.
 3. **Apply.** A kernel whose workload has records gets the fastest one that applies to it: the
    trace replayed on the kernel; for a kernel equal to the stored one but for block names, the
    stored kernel scheduled by it; else the anchor block's trace (``schedule_using_anchor_trace``).
@@ -32,10 +38,11 @@ tune first. The pass :func:`records_pass` runs where the rules run (after fusion
    rules schedule the kernel and a tuning run treats the kernel as new (baseline + ``trials``,
    committed to the same workload). Kernels without a record get the rules as usual.
 
-``trials`` counts measured candidates per kernel (the rule's baseline is measured on top, once per
-workload). Records written by interrupted runs stay usable: JSONDatabase appends one line per
-record, and :func:`open_records` drops a truncated or malformed line (with a warning, rewriting
-the file by temp + rename) before TVM parses the files.
+``trials`` counts measured candidates per kernel, variants and search together (the rule's
+baseline is measured on top, once per workload). Records written by interrupted runs stay
+usable: JSONDatabase appends one line per record, and :func:`open_records` drops a truncated or
+malformed line (with a warning, rewriting the file by temp + rename) before TVM parses the
+files.
 
 Reproducibility: a build that applies records is byte-for-byte reproducible given the same
 record files (their sha256 goes into the manifest); the default per-target cache
@@ -320,22 +327,25 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
             skipped += 1
             say(f"kernel {index}/{len(kernels)} {name}: records reused ({have})")
             continue
-        context = ms.TuneContext(
-            mod=task,
-            target=tvm_target,
-            space_generator="post-order-apply",
-            search_strategy="replay-trace",
-            task_name=name,
-            rand_state=tuning.seed + index,
-            num_threads="physical",
-            logger=_task_logger(work, name),
-        )
-        if not _with_design_space([context], [1.0])[0]:
-            no_space.append(name)
-            continue
         bar = _Bar(f"{index}/{len(kernels)} {name}", wanted, best, tuning.progress_bar)
         try:
-            _tune_one(ms, context, wanted, builder, runner, database, bar, work)
+            variants = _rule_variants(
+                database, func, task, tvm_target, rules, min(wanted, variant_share(tuning.trials))
+            )
+            for sch in variants:
+                interrupt.check()
+                seconds = _measure(sch, task, tvm_target, builder, runner)
+                if seconds is not None:
+                    _commit(database, task, sch, seconds, tvm_target)
+                bar.update([seconds])
+            kernel_facts.setdefault(name, {})["rule_variants"] = len(variants)
+            wanted -= len(variants)
+            if wanted > 0:
+                context = _search_context(ms, task, tvm_target, name, tuning.seed + index, work)
+                if _with_design_space([context], [1.0])[0]:
+                    _tune_one(ms, context, wanted, builder, runner, database, bar, work)
+                else:
+                    no_space.append(name)
         except Exception as err:  # noqa: BLE001  (a kernel's failure leaves the others' records)
             if interrupt.received() is not None or getattr(runner, "stopped", None) is not None:
                 raise  # Ctrl-C, or a farm that stopped the tuning (edgecc.rpc.runner_errors)
@@ -357,14 +367,105 @@ def _tune(kernels, database, tvm_target, rules, tuning: Tuning, register, say) -
         "kernels_reused": skipped,
         "kernels_without_design_space": no_space,
         "kernels_without_baseline": no_baseline,
-        "strategy": "replay-trace on post-order-apply, rule schedule as measured baseline",
+        "strategy": STRATEGY,
         "per_kernel": kernel_facts,
     }
 
 
+STRATEGY = (
+    "rule schedule as measured baseline, then rule variants, then evolutionary search with "
+    "an XGBoost cost model on post-order-apply"
+)
+
+
+def variant_share(trials: int) -> int:
+    """How many of a kernel's ``trials`` go to rule variants (the rest to the search): all but
+    a quarter, so the search gets a batch of 4 out of 16 trials."""
+    return trials - trials // 4
+
+
+def _rule_variants(database, func, task, tvm_target, rules: list, limit: int) -> list:
+    """Up to ``limit`` schedules of ``task`` by the rule that schedules ``func``, built from
+    :func:`edgecc.lower.schedules.variants.param_variants` of the rule's params, in that order;
+    schedules equal to one seen (the rule's, another variant's, a record's trace) are dropped."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    from edgecc.lower.schedules import rules_for
+    from edgecc.lower.schedules.variants import param_variants
+
+    if limit <= 0:
+        return []
+    rule = None
+    with tvm_target:
+        for candidate in rules:
+            try:
+                if candidate.apply(task["main"], tvm_target, False) is not None:
+                    rule = candidate
+                    break
+            except Exception:  # noqa: BLE001  (as apply_schedules: a rule bug is a decline)
+                continue
+    if rule is None or not rule.knobs:
+        return []
+    seen_traces = set()
+    if database.has_workload(task):
+        records = database.get_top_k(database.commit_workload(task), MAX_RECORDS_TRIED)
+        seen_traces = {str(r.trace) for r in records}
+    seen = set()
+    out = []
+    with tvm_target:
+        for params in [rule.params, *param_variants(rule.params, rule.knobs)]:
+            variant = next(r for r in rules_for(params) if r.name == rule.name)
+            try:
+                sch = variant.apply(task["main"], tvm_target, False)
+                if sch is None:
+                    continue
+                replay = s_tir.Schedule(task)  # the trace must replay on the stored workload
+                sch.trace.apply_to_schedule(replay, remove_postproc=False)
+            except Exception:  # noqa: BLE001  (a variant the primitives refuse: skip it)
+                log.debug("variant %s of %s failed", params, rule.name, exc_info=True)
+                continue
+            key = tvm_ffi.structural_hash(replay.mod)
+            if key in seen or str(replay.trace) in seen_traces:
+                seen.add(key)
+                continue
+            seen.add(key)
+            if params is not rule.params:
+                out.append(replay)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _search_context(ms, task, tvm_target, name: str, seed: int, work: Path):
+    """The TuneContext of the search after the variants: MetaSchedule's design space
+    (``post-order-apply``, default LLVM rules) explored by evolutionary search. Its first
+    population is sampled from that space only (``init_measured_ratio=0``): the rules' records
+    (packed weights) failed to replay there (``parallel_for_dynamic ... initial_indices_orig``)
+    and aborted the search. Population and generations
+    are a quarter and a half of MetaSchedule's defaults: with 4 candidates per kernel, the
+    default 512 x 4 generations spent more time predicting than measuring."""
+    return ms.TuneContext(
+        mod=task,
+        target=tvm_target,
+        space_generator="post-order-apply",
+        search_strategy=ms.search_strategy.EvolutionarySearch(
+            population_size=128,
+            init_measured_ratio=0.0,
+            init_min_unmeasured=32,
+            genetic_num_iters=2,
+        ),
+        task_name=name,
+        rand_state=seed,
+        num_threads="physical",
+        logger=_task_logger(work, name),
+    )
+
+
 def _tune_one(ms, context, wanted: int, builder, runner, database, bar, work: Path) -> None:
     """MetaSchedule's search on one task: ``wanted`` candidates, in batches of up to 4 (the bar
-    and Ctrl-C act between batches, after each batch's records are committed)."""
+    and Ctrl-C act between batches, after each batch's records are committed), ranked by
+    XGBoost trained on the measured records."""
     ms.tune.tune_tasks(
         tasks=[context],
         task_weights=[1.0],
@@ -375,7 +476,7 @@ def _tune_one(ms, context, wanted: int, builder, runner, database, bar, work: Pa
         builder=builder,
         runner=runner,
         database=database,
-        cost_model="random",
+        cost_model="xgb",
         measure_callbacks=[
             *ms.measure_callback.MeasureCallback.create("default"),
             _progress_callback(bar),
@@ -587,6 +688,52 @@ def open_records(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     repair_records(folder)
     return ms.database.JSONDatabase(work_dir=str(folder), module_equality=MODULE_EQUALITY)
+
+
+def merge_records(sources: list[Path], dest: Path) -> int:
+    """Add the records of ``sources`` (record folders, e.g. tuned on several machines or in
+    separate runs) to the record folder ``dest`` (created); return the records ``dest`` then
+    holds.
+
+    Workloads are matched by anchor block as when tuning; a record whose workload and trace
+    are already in ``dest`` is kept once, with the faster time. The merged database is written
+    to a temporary folder beside ``dest`` and its files renamed over ``dest``'s, the workloads
+    first: the old records refer to the old workloads by line, and the merged workload table
+    starts with ``dest``'s own workloads in their order, so ``dest`` is valid at every moment.
+    """
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    found: dict[tuple[int, str], Any] = {}
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=dest.parent) as tmp:
+        merged = ms.database.JSONDatabase(work_dir=tmp, module_equality=MODULE_EQUALITY)
+        repair_records(dest)
+        for line in _read_lines(dest / WORKLOADS):  # dest's workloads first, in their order
+            merged.commit_workload(ms.database.Workload.from_json(json.loads(line)).mod)
+        for folder in [dest, *sources]:
+            for record in open_records(folder).get_all_tuning_records():
+                workload = merged.commit_workload(record.workload.mod)
+                key = (tvm_ffi.structural_hash(workload.mod), str(record.trace))
+                old = found.get(key)
+                if old is None or _faster(record, old[1]):
+                    found[key] = (workload, record)
+        for workload, record in found.values():
+            merged.commit_tuning_record(
+                ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info
+                )
+            )
+        for name in (WORKLOADS, RECORDS):
+            os.replace(Path(tmp) / name, dest / name)
+    return len(found)
+
+
+def _faster(record, other) -> bool:
+    """Whether ``record`` has a run time and ``other`` none or a longer one."""
+    mine, theirs = _mean(record.run_secs), _mean(other.run_secs)
+    return mine is not None and (theirs is None or mine < theirs)
 
 
 def repair_records(folder: Path) -> int:

@@ -77,3 +77,33 @@ def shapes_of(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[
         i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input
     }
     return shapes, dict.fromkeys(shapes, "float32")
+
+
+def fused_kernels(model: onnx.ModelProto, target_name: str = "x86") -> dict:
+    """The fused TIR kernels of ``model`` as :func:`edgecc.lower.lower` offers them to the
+    schedule rules and the tuning (name -> PrimFunc), lowered for ``target_name``."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from edgecc.lower.build import import_relax
+    from edgecc.lower.schedules import CpuParams, pre_legalize_passes
+    from edgecc.lower.tune import _kernels, tuning_target
+    from edgecc.targets import get_target
+
+    target = get_target(target_name)
+    shapes, dtypes = shapes_of(model)
+    mod = import_relax(model, shapes, dtypes, lambda _: None)
+    tvm_target = tuning_target(target)
+    with tvm_target:  # _pipeline up to the schedule rules, where the record pass runs
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                *cpu.library_dispatch_passes(tvm_target),
+                *pre_legalize_passes(CpuParams.of(target)),
+                *cpu.legalize_passes(tvm_target),
+                relax.transform.AttachAttrLayoutFreeBuffers(),
+            ]
+        )(mod)
+    return {name: func for name, (_, func) in _kernels(mod).items()}

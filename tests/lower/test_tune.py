@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from lower_models import fused_kernels
 from onnx import TensorProto, helper
 
 import edgecc
@@ -26,7 +27,6 @@ from edgecc.lower.tune import (
     META_SCHEDULE_LOGGER,
     RECORDS,
     WORKLOADS,
-    _kernels,
     _rule_schedule,
     intrinsics_registrar,
     meta_schedule_logging,
@@ -139,36 +139,19 @@ def test_second_model_reuses_the_shared_conv(tuned):
 def test_the_rule_schedule_is_a_record_of_every_tuned_workload(tuned):
     """Rules as the baseline: each workload's records hold the rule's trace, so its best record
     is at worst the rule's schedule (as measured)."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    from edgecc.lower.build import import_relax
-    from edgecc.lower.schedules import CpuParams, pre_legalize_passes, rules_for
+    from edgecc.lower.schedules import CpuParams, rules_for
     from edgecc.lower.tune import _task_module, tuning_target
     from edgecc.targets import get_target
 
     _, records, first, _, _ = tuned
     target = get_target("x86")
-    model = onnx.load(str(first.path / "model.onnx"))
-    mod = import_relax(model, {"x": (1, 8, 12, 12)}, {"x": "float32"}, lambda _: None)
     tvm_target = tuning_target(target)
-    with tvm_target:  # _pipeline up to the schedule rules, where the record pass runs
-        mod = tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                *cpu.library_dispatch_passes(tvm_target),
-                *pre_legalize_passes(CpuParams.of(target)),
-                *cpu.legalize_passes(tvm_target),
-                relax.transform.AttachAttrLayoutFreeBuffers(),
-            ]
-        )(mod)
+    kernels = fused_kernels(onnx.load(str(first.path / "model.onnx")))
     database = open_records(records)
     rules = rules_for(CpuParams.of(target))
     checked = 0
     for name in first.manifest["library"]["tuning"]["kernels_tuned"]:
-        _, func = _kernels(mod)[name]
+        func = kernels[name]
         _, rule_sch = _rule_schedule(func, tvm_target, rules)
         workload = database.commit_workload(_task_module(func))
         traces = [str(r.trace) for r in database.get_top_k(workload, 100)]
@@ -276,3 +259,25 @@ def test_meta_schedule_logging_leaves_no_state_behind(tmp_path):
         for handler in top.handlers[:]:
             top.removeHandler(handler)
             handler.close()
+
+
+@pytest.mark.slow
+def test_merge_records_unions_two_folders_and_the_build_applies_them(tuned, tmp_path):
+    """Model B's records merged into a copy of model A's first tuning (and A's again: no
+    duplicates): the merged folder serves B's build with no measurement."""
+    from edgecc.lower.tune import merge_records
+
+    root, records, _, second, _ = tuned
+    merged = tmp_path / "merged"
+    shutil.copytree(records, merged, ignore=shutil.ignore_patterns("logs"))
+    total = len(open_records(records).get_all_tuning_records())
+    assert merge_records([records], merged) == total  # the same records again: none added
+    empty = tmp_path / "empty"
+    assert merge_records([merged], empty) == total
+    assert len((empty / RECORDS).read_text().splitlines()) == total
+    pkg = edgecc.compile(root / "b.onnx", "x86", out=tmp_path / "b", tuning_records=empty)
+    assert (
+        pkg.manifest["library"]["tuning"]["kernels_tuned"]
+        == (second.manifest["library"]["tuning"]["kernels_tuned"])
+    )
+    assert pkg.manifest["library"]["sha256"] == second.manifest["library"]["sha256"]

@@ -54,6 +54,16 @@ class CpuParams:
         l1d_bytes: L1 data cache per core.
         l2_bytes: L2 cache per core.
         arch: ``x86_64`` or ``aarch64``.
+        accumulators: tuning knob: vector registers a micro-kernel may use for accumulators
+            (0: the rule's own choice from the register file).
+        max_vectors: tuning knob: most SIMD vectors across a micro-kernel's output columns
+            (0: the rule's own bound).
+        parallel_tasks: tuning knob: parallel tasks a matmul tiling aims for (0: ``cores``).
+        rows_outer: tuning knob: conv loops ``y`` outside the channel blocks (input rows
+            reused across channel blocks) instead of inside them (weights reused).
+
+    The knobs default to the rules' untuned choice; :mod:`edgecc.lower.schedules.variants`
+    enumerates other values as tuning candidates.
     """
 
     lanes: int
@@ -61,6 +71,10 @@ class CpuParams:
     l1d_bytes: int
     l2_bytes: int
     arch: str
+    accumulators: int = 0
+    max_vectors: int = 0
+    parallel_tasks: int = 0
+    rows_outer: bool = False
 
     @staticmethod
     def of(target: Target) -> CpuParams:
@@ -84,6 +98,7 @@ class CpuRule:
     """
 
     name: str = "cpu-rule"
+    knobs: tuple[str, ...] = ()  # the CpuParams tuning knobs the rule reads (variants.py)
 
     def __init__(self, params: CpuParams):
         self.params = params

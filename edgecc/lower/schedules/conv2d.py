@@ -21,6 +21,10 @@ Schedule (``out[n, y, x, f] += pad[n, y*s+ry*d, x*s+rx*d, c] * w[ry, rx, c, f]``
 * loops ``n, f_outer, y, x_outer | ry, rx, c | x_inner, f_inner``: the weights of one channel
   block (``KH*KW*C*nf`` floats) stay in L2 while every output pixel uses them; ``n, f_outer, y``
   are fused and parallel;
+* tuning variants (:mod:`edgecc.lower.schedules.variants`) replace the accumulator budget and
+  the vector bound by ``CpuParams.accumulators`` / ``max_vectors``, and with
+  ``CpuParams.rows_outer`` order the loops ``n, y, f_outer, x_outer`` (an input row reused by
+  every channel block; the weights streamed once per row);
 * the epilogue is inlined into one block computed at the tile (``reverse_compute_at``), so the
   accumulators are written once, after bias/activation/residual, vectorised;
 * the padding block stays a separate parallel, vectorised copy (the inner loop then has no
@@ -144,8 +148,8 @@ def schedule_conv(sch: Any, conv: Any, shape: ConvShape, params: CpuParams, dept
     the (small) kernel window unrolled; ``cg`` is 1 there.
     """
     lanes = params.lanes
-    budget = accumulator_budget(params)
-    max_vectors = min(4 if depthwise else 3, budget // 4)
+    budget = params.accumulators or accumulator_budget(params)
+    max_vectors = params.max_vectors or min(4 if depthwise else 3, budget // 4)
     mr, nf = register_tile(shape.ow, shape.f, lanes, budget, max_vectors)
 
     producers = [b for b in sch.get_producers(conv) if sch.get(b).name_hint != "root"]
@@ -156,7 +160,7 @@ def schedule_conv(sch: Any, conv: Any, shape: ConvShape, params: CpuParams, dept
     n, y, x, f, ry, rx, rc = sch.get_loops(conv)
     x_o, x_i = sch.split(x, factors=[None, mr])
     f_o, f_i = sch.split(f, factors=[None, nf])
-    if depthwise:
+    if depthwise or params.rows_outer:  # rows_outer: a tuning variant (rows reused)
         sch.reorder(n, y, f_o, x_o, ry, rx, rc, x_i, f_i)
         outer = sch.fuse(n, y, f_o)
     else:
@@ -321,6 +325,7 @@ class ConvRuleBase(CpuRule):
     """One NHWC conv block + fused epilogue; subclasses say whether they take depthwise convs."""
 
     depthwise: bool = False
+    knobs = ("accumulators", "max_vectors", "lanes")
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
         from tvm import s_tir
@@ -341,3 +346,4 @@ class Conv2dRule(ConvRuleBase):
     """NHWC conv2d (groups with > 1 channel per group) + fused epilogue."""
 
     name = "conv2d"
+    knobs = ("accumulators", "max_vectors", "rows_outer", "lanes")

@@ -23,6 +23,9 @@ Tiling from :class:`~edgecc.lower.schedules.CpuParams`:
   ``[N / (nr*v), K, nr*v]`` panels, so the micro-kernel streams contiguous memory: a
   ``meta_schedule.layout_rewrite_preproc`` copy block that ``SplitLayoutRewritePreproc`` moves
   out of the kernel and ``FoldConstant`` evaluates on the weight (``Matmul.pack_weights``);
+* tuning variants (:mod:`edgecc.lower.schedules.variants`) bound ``mr * nr`` by
+  ``CpuParams.accumulators``, ``nr`` by ``CpuParams.max_vectors`` and aim for
+  ``CpuParams.parallel_tasks`` tasks instead of ``cores``;
 * ``N = 1`` (matrix x vector, output's inner axis a row axis): ``mr`` row sums per parallel block,
   not vectorised (the reduction order is kept, so results match the reference bit for bit).
 
@@ -72,16 +75,19 @@ def choose_tiling(m: int, n: int, params: CpuParams, batch: int = 1) -> Tiling:
     lanes = params.lanes
     v = lanes if n % lanes == 0 else max(d for d in _divisors(n) if d <= lanes)
     regs = vector_registers(params)
+    most_nr = params.max_vectors or 16
+    accumulators = params.accumulators or regs
+    tasks_wanted = params.parallel_tasks or params.cores
     best: tuple[float, int, int] | None = None
     for mr in _divisors(m):
         if mr > 16:
             break
         for nr in _divisors(n // v):
-            if nr > 16 or mr * nr + nr + 1 > regs:
+            if nr > most_nr or mr * nr + nr + 1 > regs or mr * nr > accumulators:
                 continue
             score = mr * nr / (mr + nr)
             tasks = batch * (m // mr) * (n // (nr * v))
-            key = (min(tasks, params.cores), score, nr, mr)
+            key = (min(tasks, tasks_wanted), score, nr, mr)
             if best is None or key > best:
                 best = key
     assert best is not None  # mr = nr = 1 always fits
@@ -136,6 +142,7 @@ class Matmul(CpuRule):
     """Register-blocked dense / batch matmul with fused prologue and epilogue."""
 
     name = "matmul"
+    knobs = ("accumulators", "max_vectors", "parallel_tasks", "lanes")
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
         from tvm import tirx
