@@ -139,7 +139,10 @@ def _rule(rules: dict[str, Any], kernel: str) -> str:
 
 
 def int8_execution(
-    model: onnx.ModelProto, decisions: list[dict[str, Any]], schedules: dict[str, Any] | None
+    model: onnx.ModelProto,
+    decisions: list[dict[str, Any]],
+    schedules: dict[str, Any] | None,
+    dynamic: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest's ``int8_execution``: a summary line and one entry per quantized node.
 
@@ -147,6 +150,8 @@ def int8_execution(
         model: the ONNX graph that was lowered.
         decisions: ``library.int8_ops`` of the build (dicts of :class:`Decision`, plus kernel).
         schedules: ``library.schedules`` (kernel -> rule), to name the rule of each kernel.
+        dynamic: ``library.int8_dynamic`` (weight-only graphs): its MatMul/Gemm nodes run as
+            dynamic int8 kernels, whatever the static rewrite recorded for them.
 
     Returns:
         ``{"summary": str, "layers": [{"node", "op", "execution", "kernel"?, "rule"?,
@@ -177,6 +182,7 @@ def int8_execution(
                 entry["rule"] = _rule(rules, d["kernel"])
             entry["detail"] = d["detail"]
         layers.append(entry)
+    _mark_dynamic(layers, dynamic)
     integer = sum(e["execution"] == "integer" for e in layers)
     summary = (
         f"{integer} of {len(layers)} quantized layers run as integer kernels "
@@ -195,6 +201,23 @@ def int8_execution(
         "dequantized (see tables)"
     )
     return {"summary": summary, "layers": layers, "tables": tables}
+
+
+def _mark_dynamic(layers: list[dict[str, Any]], dynamic: dict[str, Any] | None) -> None:
+    """Layers the dynamic int8 rewrite ran as integer matmuls (in place)."""
+    rows = {r["node"]: r for r in (dynamic or {}).get("layers", [])}
+    for entry in layers:
+        row = rows.get(entry["node"])
+        if row is None:
+            continue
+        entry.update(
+            execution="integer",
+            detail=f"{row.get('mode', 'dynamic-int8')}: activations quantized to uint8 at run "
+            f"time, u8 x s8 -> int32, {row.get('weight', '')} weights",
+        )
+        for key in ("kernel", "rule"):
+            if row.get(key):
+                entry[key] = row[key]
 
 
 def compact_lines(execution: dict[str, Any] | str) -> list[str]:
