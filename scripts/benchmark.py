@@ -179,8 +179,10 @@ def measure(engines: list[Engine], args: argparse.Namespace) -> dict[str, dict[s
     return {name: summary(times) for name, times in samples.items()}
 
 
-def compile_variants(name: str, source: Path, work: Path, int8: bool) -> dict[str, Any]:
-    """The fp32 (default passes) and optional int8 (default + qdq) packages of ``source``."""
+def compile_variants(
+    name: str, source: Path, work: Path, int8: bool, qdq: str = ""
+) -> dict[str, Any]:
+    """The fp32 (default passes) and optional int8 (default + ``qdq(<qdq>)``) packages."""
     target = get_target(TARGET)
     packages = {"fp32": edgecc.compile(source, TARGET, out=work / "fp32")}
     if int8:
@@ -188,7 +190,7 @@ def compile_variants(name: str, source: Path, work: Path, int8: bool) -> dict[st
             source,
             TARGET,
             out=work / "int8",
-            passes=f"{target.default_passes},qdq",
+            passes=f"{target.default_passes},qdq" + (f"({qdq})" if qdq else ""),
             calib="random",
             calib_samples=CALIB_SAMPLES,
         )
@@ -245,7 +247,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     onnx.save(loaded.model, str(source))
     values = inputs.values() if isinstance(inputs, dict) else inputs
     feeds = {spec.name: t.numpy() for spec, t in zip(loaded.inputs, values, strict=True)}
-    packages = compile_variants(name, source, work, args.int8 and name in INT8_MODELS)
+    packages = compile_variants(name, source, work, args.int8 and name in INT8_MODELS, args.qdq)
     torch.set_num_threads(args.threads)
     torch_engine = in_process_engine("torch", torch_call(module, inputs))
     rows = []
@@ -433,6 +435,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(ALL_MODELS + EXTRA_MODELS)}",
     )
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
+    p.add_argument(
+        "--qdq",
+        default="",
+        metavar="OPTIONS",
+        help="options of the int8 rows' qdq pass, e.g. 'reduce_range=true' (7-bit weights) or "
+        "'activation=int8'",
+    )
     p.add_argument(
         "--no-dynamic",
         dest="dynamic",

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="edgecc-count-int8-") as tmp:
         for name in argv[1].split(","):
-            layer = replace(LAYERS[name], a_dtype="int8")
+            layer = replace(LAYERS[name], a_dtype="int8", weight_fill="symmetric")
             x = layer.random_input(rng)
             counts = {}
             for variant, floating in (("int8", False), ("fp32", True)):

@@ -88,20 +88,23 @@ def section_size(work: Path, names: tuple[str, ...] = ("resnet18", "minilm")) ->
 
 
 def section_steps(
-    work: Path, names: tuple[str, ...] = ("resnet18", "mobilenetv2")
+    work: Path, names: tuple[str, ...] = ("resnet18", "mobilenetv2"), qdq: str = ""
 ) -> dict[str, Any]:
+    import torch
+
     rows = {}
     for name in names:
         model = make_model(name)
         pkg = edgecc.compile(
-            model, "x86", example_inputs=model.example_inputs(), passes="fold-bn,qdq",
+            model, "x86", example_inputs=model.example_inputs(),
+            passes="fold-bn,qdq" + (f"({qdq})" if qdq else ""),
             calib="random", out=work / f"{name}-steps",
         )  # fmt: skip
         graph = onnx.load(str(pkg.path / "model.onnx"))
         sess, run = ort_session(graph), vm_of(pkg)
         (step,) = pkg.manifest["check"]["steps"].values()
         rng = np.random.default_rng(0)
-        worst, same, exact = 0.0, 0, 0.0
+        worst, same, exact, cos = 0.0, 0, 0.0, 1.0
         trials = 5
         for _ in range(trials):
             x = rng.standard_normal(model.example_shape).astype(np.float32)
@@ -110,11 +113,16 @@ def section_steps(
             worst = max(worst, float(np.abs(got - ref).max()) / step)
             same += int(np.argmax(got) == np.argmax(ref))
             exact += float((got == ref).mean()) / trials
+            with torch.no_grad():
+                fp32 = model(torch.from_numpy(x)).numpy().reshape(got.shape).astype(np.float64)
+            g = got.astype(np.float64)
+            cos = min(cos, float((g * fp32).sum() / np.linalg.norm(g) / np.linalg.norm(fp32)))
         ex = pkg.manifest["int8_execution"]
         rows[name] = {
             "max_steps": round(worst, 3),
             "argmax_equal": f"{same}/{trials}",
             "fraction_exact": round(exact, 4),
+            "min_cosine_vs_fp32_torch": round(cos, 5),
             "summary": ex["summary"],
         }
         log.info("steps %s: %s", name, rows[name])
@@ -150,13 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="size,steps,fashion")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "int8.json")
+    parser.add_argument(
+        "--qdq", default="", help="options of the steps section's qdq, e.g. reduce_range=true"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sections = {"size": section_size, "steps": section_steps, "fashion": section_fashion}
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sections.split(","):
-            result[name] = sections[name](Path(tmp))
+            extra = {"qdq": args.qdq} if name == "steps" and args.qdq else {}
+            result[name] = sections[name](Path(tmp), **extra)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

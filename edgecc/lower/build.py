@@ -40,6 +40,8 @@ from edgecc.lower import cuda, int8_dynamic, schedules
 from edgecc.lower.coverage import OperatorConversionError, canonicalize, check_coverage
 from edgecc.lower.int8 import Int8Log, integer_lowering_passes
 from edgecc.lower.int8.layers import assign_kernels, record_kernels_pass
+from edgecc.lower.int8.pad_channels import pad_channels_pass
+from edgecc.lower.int8.shift import shift_pass
 from edgecc.lower.schedules import CpuParams, ScheduleCoverage, schedules_enabled
 from edgecc.targets import Target
 
@@ -332,7 +334,8 @@ def _pipeline(
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     params = CpuParams.of(target)
-    head = [*head, *integer_lowering_passes(int8_log)]
+    int8_x86 = [pad_channels_pass(tvm_target), shift_pass(tvm_target)]
+    head = [*head, *integer_lowering_passes(int8_log), *int8_x86]
     kernels = record_kernels_pass(int8_kernels if int8_kernels is not None else [])
     dynamic = dynamic or int8_dynamic.DynamicInt8Report()
     head.append(int8_dynamic.rewrite_pass(dynamic))

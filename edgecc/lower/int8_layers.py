@@ -43,7 +43,10 @@ class Layer:
         a_dtype: activation dtype, ``uint8`` or ``int8``.
         requant: fuse the requantize epilogue (else the output is the int32 accumulator).
         weight_fill: ``random``, or ``extreme`` (alternating -128 / 127: the values at which
-            ``vpmaddubsw``'s int16 pair sums would saturate with uint8 activations of 255).
+            ``vpmaddubsw``'s int16 pair sums would saturate with uint8 activations of 255), or
+            ``symmetric`` (random in [-127, 127], as ``qdq`` quantizes weights), ``7bit`` (random
+            in [-63, 63], as ``qdq(reduce_range=true)``: ``vpmaddubsw`` is exact), or ``pair128``
+            (K pairs -100, -28: the largest pair sums ``vpmaddubsw`` takes exactly).
     """
 
     name: str
@@ -71,7 +74,13 @@ class Layer:
         if self.weight_fill == "extreme":
             return np.where(np.indices(shape).sum(0) % 2 == 0, -128, 127).astype(np.int8)
         rng = np.random.default_rng(zlib.crc32(self.name.encode()))
-        return rng.integers(-128, 128, shape).astype(np.int8)
+        if self.weight_fill == "pair128":  # K pairs (-100, -28): |w0| + |w1| = 128 exactly
+            k = np.indices(shape)[1 if self.kind == "conv" else 0]
+            return np.where(k % 2 == 0, -100, -28).astype(np.int8)
+        if self.weight_fill == "7bit":
+            return rng.integers(-63, 64, shape).astype(np.int8)
+        low = -127 if self.weight_fill == "symmetric" else -128
+        return rng.integers(low, 128, shape).astype(np.int8)
 
     def bias(self) -> np.ndarray:
         """The int32 bias (``[out]``)."""

@@ -7,7 +7,12 @@ through ``DequantizeLinear``::
 
 (channel axis 0 for Conv; for Gemm the N axis of B: 0 with ``transB=1``, 1 without; for MatMul
 ``x @ W`` the last axis of W). The range stops at -127 so products of two int8 values never need
-the -128 * -128 case. An all-zero channel gets ``s_c = 1``.
+the -128 * -128 case. An all-zero channel gets ``s_c = 1``. ``reduce_range=true`` (default off)
+quantizes weights to 7 bits instead, ``s_c = max|W_c| / 63`` and ``W_q`` in [-63, 63], like ONNX
+Runtime's ``reduce_range``: any two adjacent weights then have ``|w0| + |w1| <= 126``, so the
+u8 x s8 int16 pair sums of x86 ``vpmaddubsw`` (``255 * 126 < 32767``) never saturate and edgecc
+uses that instruction for every conv/matmul on AVX2/AVX-512 (ONNX Runtime's own AVX2 kernels are
+then exact too). It costs one bit of weight precision.
 
 Activations are quantized per tensor with a ``Q -> DQ`` pair whose range ``[lo, hi]`` comes from
 calibration (``method``: ``minmax``, ``percentile`` or ``entropy``; see
@@ -96,20 +101,23 @@ MIN_OPSET = 13
 NO_CALIBRATION = "qdq needs calibration data: pass --calib data.npz|dir|random"
 
 
-def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_symmetric(
+    w: np.ndarray, axis: int | None, qmax: int = 127
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 quantization of ``w``, per channel along ``axis`` (None: per tensor).
 
     Returns:
-        ``(q, scale)``: int8 values in [-127, 127] and float32 scales (shape ``(C,)``, or ``()``
-        per tensor) with ``w ~ q * scale`` broadcast along ``axis``.
+        ``(q, scale)``: int8 values in [-qmax, qmax] (127, or 63 for ``reduce_range``) and
+        float32 scales (shape ``(C,)``, or ``()`` per tensor) with ``w ~ q * scale`` broadcast
+        along ``axis``.
     """
     w = np.asarray(w, np.float32)
     if axis is None:
         top = np.array(np.max(np.abs(w)) if w.size else 0.0, np.float32)
     else:
         top = np.max(np.abs(w), axis=tuple(i for i in range(w.ndim) if i != axis))
-    scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.round(w / _along(scale, axis, w.ndim)), -127, 127).astype(np.int8)
+    scale = np.where(top > 0, top / float(qmax), 1.0).astype(np.float32)
+    q = np.clip(np.round(w / _along(scale, axis, w.ndim)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -142,8 +150,9 @@ class WeightQuantizer:
     and the weights alone in :attr:`weights`.
     """
 
-    def __init__(self, index: GraphIndex):
+    def __init__(self, index: GraphIndex, qmax: int = 127):
         self.index = index
+        self.qmax = qmax
         self.nodes: list[onnx.NodeProto] = []
         self.replaced: set[str] = set()
         self.weights: set[str] = set()
@@ -153,7 +162,7 @@ class WeightQuantizer:
         """The DQ output standing for weight ``name``, and its scales."""
         key = (name, axis)
         if key not in self._done:
-            q, scale = quantize_symmetric(self.index.const(name), axis)
+            q, scale = quantize_symmetric(self.index.const(name), axis, self.qmax)
             self._done[key] = (
                 self._dq(name, q, scale, np.zeros(scale.shape, np.int8), axis),
                 scale,
@@ -375,6 +384,7 @@ class InsertQDQ:
         bins: histogram bins of the percentile/entropy observers (a power of two).
         gather: also store constant Gather tables (embeddings) as int8 with one scale per row
             (:mod:`edgecc.passes.gather_tables`; the Gather output stays float); on by default.
+        reduce_range: 7-bit weights in [-63, 63] (x86 ``vpmaddubsw`` is then exact).
     """
 
     name = "qdq"
@@ -389,6 +399,7 @@ class InsertQDQ:
         bins: int = 2048,
         only: str | Sequence[str] | None = None,
         gather: bool = True,
+        reduce_range: bool = False,
     ):
         if method not in METHODS:
             raise UserInputError(f"qdq: unknown method {method!r}; choose {', '.join(METHODS)}")
@@ -409,6 +420,7 @@ class InsertQDQ:
         self.keep_float, self.bins = as_list(keep_float), bins
         self.only = None if only is None else as_list(only)
         self.gather = bool(gather)
+        self.reduce_range = bool(reduce_range)
 
     def _kept(self, model: onnx.ModelProto) -> list[str]:
         """``keep_float`` plus, with ``only``, every quantizable node not named there."""
@@ -457,6 +469,9 @@ class InsertQDQ:
             {
                 **({"percentile": self.percentile} if self.method == "percentile" else {}),
                 "activation": f"{act} {'asymmetric' if act == 'uint8' else 'symmetric'} ({why})",
+                "weights": "int8 [-63, 63] (reduce_range)"
+                if self.reduce_range
+                else "int8 [-127, 127]",
                 "calibration": {
                     "source": ctx.calibration_source or "ctx.calibration",
                     "samples": seen.samples,
@@ -508,7 +523,7 @@ class InsertQDQ:
     ) -> dict[str, Any]:
         """Insert the weight DQs, int32 biases and activation Q/DQ pairs, in place."""
         index = GraphIndex(model)
-        weights = WeightQuantizer(index)
+        weights = WeightQuantizer(index, 63 if self.reduce_range else 127)
         float_bias = []
         for site in plan.sites:
             node = site.node

@@ -141,6 +141,18 @@ def test_small_cnn_keeps_cosine_099_on_held_out_inputs(cnn, method, activation, 
     assert floats == [] and info["float_weights_kept"] == []
 
 
+def test_reduce_range_gives_7_bit_weights_and_keeps_cosine(cnn):
+    """``reduce_range=true``: every int8 weight in [-63, 63] (so each channel reaches +-63) and
+    the small CNN still within cosine 0.99 of fp32 on held-out inputs (ORT reference runner)."""
+    result = _run(cnn, _ctx(cnn, samples=32), reduce_range=True)
+    assert result.info["weights"].endswith("(reduce_range)")
+    weights = [v for k, v in _inits(result.model).items() if v.dtype == np.int8 and v.ndim > 1]
+    assert weights and all(np.abs(w).max() == 63 for w in weights)
+    assert _cos(result.model, cnn, _held_out(cnn)) >= 0.99
+    full = _run(cnn, _ctx(cnn, samples=32))
+    assert max(np.abs(v).max() for k, v in _inits(full.model).items() if v.dtype == np.int8) == 127
+
+
 def test_weight_heavy_net_is_at_most_03x_the_bytes(tmp_path):
     rng = _rng(2)
     dims = [256, 512, 512, 10]

@@ -17,6 +17,7 @@ byte-for-byte reproducible.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 import os
@@ -155,6 +156,46 @@ class ScheduleCoverage:
         }
 
 
+_CONSTANTS: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
+    "edgecc_kernel_constants", default=None
+)
+
+
+def constants() -> dict[int, Any]:
+    """While :func:`apply_schedules` offers a kernel to the rules: the compile-time values
+    (numpy) of its int8 parameters bound to constants, by parameter index (kernels called once
+    only); empty otherwise (e.g. under MetaSchedule tuning). Rules whose exactness depends on
+    the weights' values (:mod:`.int8_x86`) read them here."""
+    return _CONSTANTS.get() or {}
+
+
+def _int8_constants(mod: Any) -> dict[str, dict[int, Any]]:
+    """Per PrimFunc name: its int8 constant arguments (index -> numpy), for kernels with exactly
+    one ``call_tir`` site."""
+    import tvm
+    from tvm import relax
+
+    found: dict[str, dict[int, Any]] = {}
+    calls: dict[str, int] = {}
+
+    def visit(expr: Any) -> None:
+        if not isinstance(expr, relax.Call) or getattr(expr.op, "name", "") != "relax.call_tir":
+            return
+        name = getattr(expr.args[0], "name_hint", "")
+        calls[name] = calls.get(name, 0) + 1
+        args = getattr(expr.args[1], "fields", [])
+        found[name] = {
+            i: a.value.numpy()
+            for i, a in enumerate(args)
+            if isinstance(a, tvm.ir.expr.Constant) and str(a.value.dtype) == "int8"
+        }
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return {name: values for name, values in found.items() if calls[name] == 1}
+
+
 def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
     """A TVM module pass that schedules every unscheduled PrimFunc with the first matching rule.
 
@@ -172,6 +213,11 @@ def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
         # Mark kernel parameters bound to constants (weights) as ``layout_free_buffers``: rules
         # may re-lay them out (see post_schedule_passes).
         mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+        # The smallest constant int8 weight of each kernel (the NEON int8 intrinsics need it).
+        from edgecc.lower.schedules.int8_neon import weight_range_pass
+
+        mod = weight_range_pass()(mod)
+        values = _int8_constants(mod)
         updated = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
@@ -181,6 +227,7 @@ def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
             name = gvar.name_hint
             target = tvm.target.Target.current(allow_none=False)
             coverage.kernels[name] = None
+            token = _CONSTANTS.set(values.get(name))
             for rule in rules:
                 try:
                     sch = rule.apply(func, target, False)
@@ -193,6 +240,7 @@ def apply_schedules(params: CpuParams, coverage: ScheduleCoverage):
                 updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
                 coverage.kernels[name] = rule.name
                 break
+            _CONSTANTS.reset(token)
         for gvar, func in updated.items():
             mod[gvar] = func
         return mod

@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgecc.lower.schedules import CpuRule, register_rule
+from edgecc.lower.schedules import CpuRule, int8_x86, register_rule
 from edgecc.lower.schedules import int8_intrinsics as intrin
+from edgecc.lower.schedules import int8_neon as neon
 from edgecc.lower.schedules.conv2d import (
     ConvShape,
     accumulator_budget,
@@ -79,7 +80,9 @@ class Int8Conv2d(CpuRule):
         if shape is None or dtypes is None or dtypes[1] != "int8":
             return None
         depthwise = sch.get(conv).name_hint == "group_conv2d_nhwc" and shape.cg == 1
-        chosen = intrin.pick(intrin.target_features(target), dtypes[0])
+        chosen = neon.refine(intrin.pick(intrin.target_features(target), dtypes[0]), func)
+        weights = int8_x86.conv_weights(func, sch.get(conv))
+        chosen = int8_x86.prefer_ubsw(chosen, weights, 2, shape.cg)
         if (
             chosen is not None
             and not depthwise
@@ -103,7 +106,7 @@ class Int8Conv2d(CpuRule):
         budget = accumulator_budget(self.params)
         mr, nf = dot_tile(shape.ow, shape.f, v, budget, min(3, budget // 4))
         producers = [b for b in sch.get_producers(conv) if sch.get(b).name_hint != "root"]
-        if not pack_weights(sch, conv, nf, kp):
+        if not pack_weights(sch, conv, nf, kp, neon.is_neon(chosen)):
             return None
         epilogue = fuse_epilogue(sch, conv)
         n, y, x, f, ry, rx, rc = sch.get_loops(conv)
@@ -121,7 +124,8 @@ class Int8Conv2d(CpuRule):
         sch.set_scope(conv, 0, "local")
         init = sch.decompose_reduction(conv, ry)
         vectorize_innermost(sch, init, v, skip=2)
-        sch.tensorize(f_v, intrin.intrinsic(chosen.name))
+        name = neon.intrinsic(chosen) if neon.is_neon(chosen) else intrin.intrinsic(chosen.name)
+        sch.tensorize(f_v, name)
         for block in producers:
             schedule_elementwise(sch, block, v)
         return sch
@@ -144,9 +148,10 @@ def dot_tile(ow: int, f: int, lanes: int, budget: int, max_vectors: int) -> tupl
     return best[3], best[2] * lanes
 
 
-def pack_weights(sch: Any, conv: Any, nf: int, kp: int) -> bool:
+def pack_weights(sch: Any, conv: Any, nf: int, kp: int, interleave: bool = False) -> bool:
     """Re-lay constant HWIO int8 weights as ``[F / nf, KH, KW, C / kp, nf, kp]`` at compile time
-    (a ``layout_rewrite_preproc`` copy folded into the constant); False when not constant."""
+    (a ``layout_rewrite_preproc`` copy folded into the constant); False when not constant.
+    ``interleave``: the NEON pair-interleaved groups instead (:func:`.int8_neon.packed_group`)."""
     from tvm import tirx
 
     func = sch.mod["main"]
@@ -167,6 +172,8 @@ def pack_weights(sch: Any, conv: Any, nf: int, kp: int) -> bool:
         return False
 
     def packed(ry: Any, rx: Any, c: Any, f: Any) -> list[Any]:
+        if interleave:
+            return [f // nf, ry, rx, *neon.packed_group(f, c, nf)]
         return [f // nf, ry, rx, c // kp, f % nf, c % kp]
 
     copy = sch.cache_read(conv, read, "global")

@@ -12,7 +12,8 @@ weights, lane-major: the packed weight layout ``[..., v, kp]`` of the int8 rules
   zero- (uint8) extended to int16, then ``vpmaddwd`` multiplies int16 pairs into int32 and adds
   each pair. Exact: ``|a * b| <= 255 * 128``, a pair sum < 2^16, far below int32; no int16
   intermediate. ``vpmaddubsw`` (u8 x s8 -> *saturating* int16 pair sums, 255 * 127 * 2 > 32767)
-  is not used for that reason.
+  is never picked here; the rules switch to it (:mod:`~edgecc.lower.schedules.int8_x86`, ``kp
+  = 4``) only for kernels whose constant weights make every pair sum fit int16.
 * ``vpdpbusd`` (AVX512-VNNI ``v=16``, AVX-VNNI ``v=8``; ``kp = 4``; uint8 activations only):
   u8 x s8 products summed in groups of four straight into int32 (no saturation in the
   non-``s`` form). The LLVM 22 signature takes ``<64 x i8>`` / ``<32 x i8>`` operands (TVM
@@ -190,6 +191,11 @@ _add(DotIntrinsic("edgecc_vpdpbusd_16x4_u8", 16, 4, "uint8", "avx512vnni"), lamb
 _add(DotIntrinsic("edgecc_vpdpbusd_8x4_u8", 8, 4, "uint8", "avxvnni"), lambda: _vpdpbusd(8))
 _add(DotIntrinsic("edgecc_sdot_4x4_s8", 4, 4, "int8", "dotprod"), _sdot)
 _add(DotIntrinsic("edgecc_smull_4x4_s8", 4, 4, "int8", "neon"), _smull)
+# x86 vpmaddubsw (exact only for some weights: chosen by the rules, never by ``pick``).
+from edgecc.lower.schedules.int8_x86 import UBSW as _UBSW  # noqa: E402
+
+for _name, _lanes, _isa, _impl in _UBSW.values():
+    _add(DotIntrinsic(_name, _lanes, 4, "uint8", _isa), _impl)
 
 INTRINSICS: tuple[DotIntrinsic, ...] = tuple(i for i, _ in _IMPLS.values())
 

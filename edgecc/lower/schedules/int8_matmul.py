@@ -28,8 +28,9 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from edgecc.lower.schedules import CpuRule, register_rule
+from edgecc.lower.schedules import CpuRule, int8_x86, register_rule
 from edgecc.lower.schedules import int8_intrinsics as intrin
+from edgecc.lower.schedules import int8_neon as neon
 from edgecc.lower.schedules.matmul import (
     Matmul,
     Tiling,
@@ -88,7 +89,7 @@ class Int8Matmul(CpuRule):
         dtypes = int8_operands(sch.get(main))
         if dtypes is None or dtypes[1] != "int8":
             return None
-        chosen = intrin.pick(intrin.target_features(target), dtypes[0])
+        chosen = neon.refine(intrin.pick(intrin.target_features(target), dtypes[0]), func)
         if chosen is None:
             return None
         analysed = Matmul._analyse(sch.get(main))
@@ -96,6 +97,8 @@ class Int8Matmul(CpuRule):
             return None
         kinds, m, n, batch = analysed
         k_extent = int(sch.get(main).iter_vars[kinds.index("K")].dom.extent)
+        weights, k_axis = int8_x86.matmul_weights(func, sch.get(main), kinds)
+        chosen = int8_x86.prefer_ubsw(chosen, weights, k_axis, k_extent)
         if n % chosen.lanes or k_extent % chosen.kp or "J" not in kinds:
             return None
         if not Matmul._inline_spatial(sch, main):
@@ -106,7 +109,9 @@ class Int8Matmul(CpuRule):
             return None
         params = replace(self.params, lanes=chosen.lanes)
         tiling = choose_tiling(m, n, params, batch)
-        if not pack_weights(sch, main, kinds, tiling.nr * tiling.v, chosen.kp):
+        if not pack_weights(
+            sch, main, kinds, tiling.nr * tiling.v, chosen.kp, neon.is_neon(chosen)
+        ):
             return None
         return self._schedule(sch, main, kinds, tiling, consumers, chosen)
 
@@ -145,12 +150,20 @@ class Int8Matmul(CpuRule):
         sch.unroll(jn)
         init = sch.decompose_reduction(main, ko)
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(jv, intrin.intrinsic(chosen.name))
+        name = neon.intrinsic(chosen) if neon.is_neon(chosen) else intrin.intrinsic(chosen.name)
+        sch.tensorize(jv, name)
         return sch
 
 
-def pack_weights(sch: Any, main: Any, kinds: list[str], nb: int, kp: int) -> bool:
+def pack_weights(
+    sch: Any, main: Any, kinds: list[str], nb: int, kp: int, interleave: bool = False
+) -> bool:
     """Re-lay the constant B (``[K, N]`` or ``[N, K]``) as ``[N / nb, K / kp, nb, kp]`` at
     compile time (a ``layout_rewrite_preproc`` copy, folded into the constant after
-    scheduling); False when B is not a constant kernel parameter or not indexed by ``K, J``."""
+    scheduling); False when B is not a constant kernel parameter or not indexed by ``K, J``.
+    ``interleave``: the NEON pair-interleaved groups instead (:func:`.int8_neon.packed_group`)."""
+    if interleave:
+        return pack_constant_b(
+            sch, main, kinds, lambda k, j: [j // nb, *neon.packed_group(j, k, nb)]
+        )
     return pack_constant_b(sch, main, kinds, lambda k, j: [j // nb, k // kp, j % nb, k % kp])
