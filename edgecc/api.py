@@ -366,7 +366,9 @@ def _int8_execution(model: onnx.ModelProto, tgt: Any, details: Mapping[str, Any]
         return tgt.int8_execution
     from edgecc.lower.int8.layers import int8_execution
 
-    return int8_execution(model, details["int8_ops"], details.get("schedules"))
+    return int8_execution(
+        model, details["int8_ops"], details.get("schedules"), details.get("int8_dynamic")
+    )
 
 
 def load(path: str | Path) -> Package:

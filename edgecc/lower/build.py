@@ -125,7 +125,7 @@ def lower(
     tvm_target = tvm_target_of(target)
     coverage = ScheduleCoverage()
     int8_log = Int8Log()
-    int8_kernel_calls: list[str] = []
+    int8_kernel_calls: list = []
     dynamic = int8_dynamic.DynamicInt8Report.of(model)
     say(f"running the {tvm_target.kind.name} Relax pipeline")
     from edgecc.rpc import runner_errors

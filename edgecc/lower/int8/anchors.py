@@ -92,14 +92,17 @@ class Decision:
     """How one quantized conv/matmul of the Relax module executes.
 
     Attributes:
-        op: ``conv2d``, ``conv2d_transpose`` or ``matmul``.
-        integer: True when rewritten to an integer kernel.
+        op: ``conv2d``, ``conv2d_transpose``, ``matmul`` (or ``take``: a lookup in an int8
+            table, :mod:`.commute`).
+        integer: True when rewritten to an integer kernel (``take``: the table stays int8).
         detail: operand types and what was folded (integer) or why it stays float.
+        weights: False for a matmul of two activations (attention), True otherwise.
     """
 
     op: str
     integer: bool
     detail: str
+    weights: bool = True
 
 
 @dataclass
@@ -208,7 +211,7 @@ def integer_anchors_pass(log_to: Int8Log | None = None) -> Any:
             if both and constant_value(other.q, self.var2val) is None:  # activation x activation
                 plan = activation_plan(call, data, other)
                 if isinstance(plan, str):
-                    self.record.decisions.append(Decision(kind, False, plan))
+                    self.record.decisions.append(Decision(kind, False, plan, weights=False))
                     return None
                 return self._activation_matmul(data, other, plan)
             plan = self._plan(call, kind, data)
@@ -259,6 +262,7 @@ def integer_anchors_pass(log_to: Int8Log | None = None) -> Any:
                     True,
                     f"{a.dtype} x {b.dtype} -> int32, activation x activation "
                     f"{list(shape_of(a.q))} x {list(shape_of(b.q))}{points}",
+                    weights=False,
                 )
             )
             real = self.builder_.emit(relax.op.astype(acc, "float32"))

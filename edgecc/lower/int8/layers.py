@@ -17,7 +17,7 @@ This module does not import TVM except in :func:`integer_kernels`.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 
@@ -59,24 +59,35 @@ def _tables(model: onnx.ModelProto, decisions: list[dict[str, Any]]) -> list[dic
     return entries
 
 
-def integer_kernels(mod: Any) -> list[str]:
-    """Names of the fused kernels of ``mod`` holding an integer conv/matmul, in the order
-    ``main`` calls them (one entry per call). Run on the fused module, before the VM lowering:
-    a kernel counts when its name holds a conv2d / conv2d_transpose / matmul and it is called
-    with an int8/uint8 argument."""
+class KernelCall(NamedTuple):
+    """One call of an integer kernel: its name, and whether an 8-bit operand is a constant (a
+    weight; False for attention's activation x activation matmuls)."""
+
+    name: str
+    weights: bool
+
+
+def integer_kernels(mod: Any) -> list[KernelCall]:
+    """The fused kernels of ``mod`` holding an integer conv/matmul, in the order ``main`` calls
+    them (one entry per call). Run on the fused module, before the VM lowering: a kernel counts
+    when its name holds a conv2d / conv2d_transpose / matmul and it is called with an int8/uint8
+    argument."""
+    import tvm
     from tvm import relax
 
     from edgecc.lower.int8.qparams import dtype_of
 
-    calls: list[str] = []
+    calls: list[KernelCall] = []
 
     def visit(expr: Any) -> None:
         if not isinstance(expr, relax.Call) or getattr(expr.op, "name", "") != "relax.call_tir":
             return
         name = getattr(expr.args[0], "name_hint", "")
         args = getattr(expr.args[1], "fields", [])
-        if KERNEL_OP.search(name) and any(dtype_of(a) in ("int8", "uint8") for a in args):
-            calls.append(name)
+        eight = [a for a in args if dtype_of(a) in ("int8", "uint8")]
+        if KERNEL_OP.search(name) and eight:
+            weights = any(isinstance(a, tvm.ir.expr.Constant) for a in eight)
+            calls.append(KernelCall(name, weights))
 
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function) and gvar.name_hint == "main":
@@ -96,15 +107,25 @@ def record_kernels_pass(calls: list[str]) -> Any:
     return _record
 
 
-def assign_kernels(decisions: list[dict[str, Any]], kernels: list[str]) -> None:
-    """Add ``kernel`` to each integer decision (in place), by kind and order; nothing when the
-    counts of a kind differ."""
+def assign_kernels(decisions: list[dict[str, Any]], kernels: list[KernelCall]) -> None:
+    """Add ``kernel`` to each integer decision (in place), by kind, by weight or activation
+    operands (the call order of attention's matmuls differs from the graph's), and by order;
+    nothing when the counts of such a group differ."""
     for kind in ("conv2d", "conv2d_transpose", "matmul"):
-        mine = [d for d in decisions if d["integer"] and d["op"] == kind]
-        names = [k for k in kernels if KERNEL_OP.search(k).group(1) == kind]
-        if len(mine) == len(names):
-            for decision, name in zip(mine, names, strict=True):
-                decision["kernel"] = name
+        for weights in (True, False):
+            mine = [
+                d
+                for d in decisions
+                if d["integer"] and d["op"] == kind and d.get("weights", True) == weights
+            ]
+            names = [
+                k.name
+                for k in kernels
+                if KERNEL_OP.search(k.name).group(1) == kind and k.weights == weights
+            ]
+            if len(mine) == len(names):
+                for decision, name in zip(mine, names, strict=True):
+                    decision["kernel"] = name
 
 
 def _rule(rules: dict[str, Any], kernel: str) -> str:
@@ -118,7 +139,10 @@ def _rule(rules: dict[str, Any], kernel: str) -> str:
 
 
 def int8_execution(
-    model: onnx.ModelProto, decisions: list[dict[str, Any]], schedules: dict[str, Any] | None
+    model: onnx.ModelProto,
+    decisions: list[dict[str, Any]],
+    schedules: dict[str, Any] | None,
+    dynamic: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest's ``int8_execution``: a summary line and one entry per quantized node.
 
@@ -126,6 +150,8 @@ def int8_execution(
         model: the ONNX graph that was lowered.
         decisions: ``library.int8_ops`` of the build (dicts of :class:`Decision`, plus kernel).
         schedules: ``library.schedules`` (kernel -> rule), to name the rule of each kernel.
+        dynamic: ``library.int8_dynamic`` (weight-only graphs): its MatMul/Gemm nodes run as
+            dynamic int8 kernels, whatever the static rewrite recorded for them.
 
     Returns:
         ``{"summary": str, "layers": [{"node", "op", "execution", "kernel"?, "rule"?,
@@ -156,6 +182,7 @@ def int8_execution(
                 entry["rule"] = _rule(rules, d["kernel"])
             entry["detail"] = d["detail"]
         layers.append(entry)
+    _mark_dynamic(layers, dynamic)
     integer = sum(e["execution"] == "integer" for e in layers)
     summary = (
         f"{integer} of {len(layers)} quantized layers run as integer kernels "
@@ -174,6 +201,23 @@ def int8_execution(
         "dequantized (see tables)"
     )
     return {"summary": summary, "layers": layers, "tables": tables}
+
+
+def _mark_dynamic(layers: list[dict[str, Any]], dynamic: dict[str, Any] | None) -> None:
+    """Layers the dynamic int8 rewrite ran as integer matmuls (in place)."""
+    rows = {r["node"]: r for r in (dynamic or {}).get("layers", [])}
+    for entry in layers:
+        row = rows.get(entry["node"])
+        if row is None:
+            continue
+        entry.update(
+            execution="integer",
+            detail=f"{row.get('mode', 'dynamic-int8')}: activations quantized to uint8 at run "
+            f"time, u8 x s8 -> int32, {row.get('weight', '')} weights",
+        )
+        for key in ("kernel", "rule"):
+            if row.get(key):
+                entry[key] = row[key]
 
 
 def compact_lines(execution: dict[str, Any] | str) -> list[str]:
