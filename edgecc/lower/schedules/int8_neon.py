@@ -103,12 +103,9 @@ def _impl(int16_sum: bool) -> Any:
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], B[0:2, 0:4, 0:2])
             T.writes(C[0:4])
-            a01 = T.reinterpret(
-                "int8x8", T.broadcast(T.reinterpret("int16", A.vload([0], "int8x2")), 4)
-            )
-            a23 = T.reinterpret(
-                "int8x8", T.broadcast(T.reinterpret("int16", A.vload([2], "int8x2")), 4)
-            )
+            pairs = T.reinterpret("int16x2", A.vload([0], "int8x4"))
+            a01 = T.reinterpret("int8x8", T.Shuffle([pairs, pairs], [0, 0, 0, 0]))
+            a23 = T.reinterpret("int8x8", T.Shuffle([pairs, pairs], [1, 1, 1, 1]))
             lo = T.call_llvm_pure_intrin("int16x8", smull, a01, B.vload([0, 0, 0], "int8x8"))
             hi = T.call_llvm_pure_intrin("int16x8", smull, a23, B.vload([1, 0, 0], "int8x8"))
             if int16_sum:
